@@ -1,0 +1,54 @@
+"""visionpeft: parameter-efficient fine-tuning (LoRA, DoRA, bottleneck adapters) for YOLO detectors and ViTs.
+
+The pipeline API::
+
+    import visionpeft as vp
+    model = vp.load_base("yolo11n.pt")                          # or "yolo11n.yaml", "timm:vit_tiny_patch16_224"
+    vp.inject(model, vp.LoraConfig(r=8), adapter_name="weeds", names=["crop", "weed"])
+    print(vp.trainable_report(model))
+    vp.save_adapter(model, "weeds.safetensors")
+    vp.load_adapter(other_copy_of_base, "weeds.safetensors")  # checks the base fingerprint
+    vp.set_adapter(model, "weeds")                             # switch adapters without reloading the base
+    plain = vp.merge(model)                                    # a plain DetectionModel / timm model
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from . import settings  # noqa: F401  (sets the offline switches before Ultralytics is imported)
+from .inject import (
+    base_state_dict,
+    fingerprint,
+    freeze,
+    inject,
+    merge,
+    peft_state,
+    set_adapter,
+    trainable_report,
+)
+from .io import AdapterFileError, load_adapter, read_adapter, save_adapter
+from .methods import BottleneckConfig, DoraConfig, LoraConfig, TrainableConfig, config_from_dict
+from .models import load_base
+
+__all__ = [
+    "AdapterFileError",
+    "BottleneckConfig",
+    "DoraConfig",
+    "LoraConfig",
+    "TrainableConfig",
+    "__version__",
+    "base_state_dict",
+    "config_from_dict",
+    "fingerprint",
+    "freeze",
+    "inject",
+    "load_adapter",
+    "load_base",
+    "merge",
+    "peft_state",
+    "read_adapter",
+    "save_adapter",
+    "set_adapter",
+    "trainable_report",
+]

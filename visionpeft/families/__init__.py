@@ -1,0 +1,25 @@
+"""Model families: what each kind of model needs beyond the generic injection (defaults, class outputs, inputs).
+
+A family is found by ``family_of(model)``; the first registered family that recognises the model wins. Families
+import their library lazily (a model of a library can only exist once that library is imported).
+"""
+
+from __future__ import annotations
+
+from .base import Family
+from .vit import VitFamily
+from .yolo import YoloFamily
+
+FAMILIES: list[Family] = [YoloFamily(), VitFamily()]
+
+
+def register_family(family: Family, first: bool = True) -> None:
+    """Add a family; ``first`` lets a more specific family take precedence over the built-in ones."""
+    FAMILIES.insert(0, family) if first else FAMILIES.append(family)
+
+
+def family_of(model) -> Family:
+    return next((f for f in FAMILIES if f.matches(model)), Family())
+
+
+__all__ = ["FAMILIES", "Family", "VitFamily", "YoloFamily", "family_of", "register_family"]

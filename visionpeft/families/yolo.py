@@ -1,0 +1,120 @@
+"""Ultralytics YOLO detectors (YOLOv5u, v8, 11, 26 ``DetectionModel``s).
+
+Defaults: LoRA/DoRA on every conv of backbone, neck and head except the DFL (a fixed projection); bottleneck
+adapters beside the C2f/C3k2/C3/C2PSA blocks. A new class list re-initialises the head's class-output convs as
+trainable modules (the box branch keeps its pretrained weights). Injected detectors become a
+``PeftDetectionModel``, whose ``fuse()`` merges adapters before Conv+BN fusion, which would otherwise drop them.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import torch
+from torch import nn
+
+from .base import Family
+
+CLASS_HEADS = ("cv3", "one2one_cv3")
+
+
+def _detection_model_cls():
+    from ultralytics.nn.tasks import DetectionModel
+
+    return DetectionModel
+
+
+def _peft_detection_model_cls():
+    DetectionModel = _detection_model_cls()
+
+    class PeftDetectionModel(DetectionModel):
+        """A ``DetectionModel`` carrying adapters. Fusion (Ultralytics val/predict/export) merges them first."""
+
+        def fuse(self, verbose: bool = True, imgsz: int = 640):
+            from ..inject import merge_
+
+            merge_(self)  # plain modules again (mergeable adapters folded in), so Conv+BN folding sees them
+            return DetectionModel.fuse(self, verbose=verbose, imgsz=imgsz)
+
+    PeftDetectionModel.__module__ = __name__
+    PeftDetectionModel.__qualname__ = "PeftDetectionModel"
+    return PeftDetectionModel
+
+
+def __getattr__(name: str):
+    # Built on first use so importing visionpeft does not import Ultralytics; pickled checkpoints find it here.
+    if name == "PeftDetectionModel":
+        cls = _peft_detection_model_cls()
+        globals()[name] = cls
+        return cls
+    raise AttributeError(name)
+
+
+def class_bias(nc: int, stride: float) -> float:
+    """Ultralytics' prior for class logits: about 5 objects per 640 px image spread over ``nc`` classes."""
+    return math.log(5 / nc / (640 / stride) ** 2)
+
+
+class YoloFamily(Family):
+    name = "yolo"
+    defaults = {
+        "lora": {"target_types": ["Conv2d"], "exclude_modules": ["dfl.conv"]},
+        "dora": {"target_types": ["Conv2d"], "exclude_modules": ["dfl.conv"]},
+        "bottleneck": {"target_types": ["C2f", "C3k2", "C3", "C2PSA", "A2C2f"]},
+    }
+
+    def matches(self, model: nn.Module) -> bool:
+        tasks = sys.modules.get("ultralytics.nn.tasks")
+        return tasks is not None and isinstance(model, tasks.DetectionModel)
+
+    def head(self, model: nn.Module) -> nn.Module:
+        return model.model[-1]
+
+    def class_output_replacements(self, model: nn.Module, names: dict[int, str] | None) -> list:
+        from ..inject import base_named_modules
+
+        base_names = getattr(model, "visionpeft", {}).get("base_names") or model.names
+        if names is None or names == base_names:
+            return []
+        head, nc = self.head(model), len(names)
+        index = f"model.{len(model.model) - 1}"
+        wanted = {}
+        for attr in CLASS_HEADS:
+            for i, _ in enumerate(getattr(head, attr, None) or []):
+                wanted[f"{index}.{attr}.{i}.2"] = float(head.stride[i])
+        out = []
+        for name, module, wrapper in base_named_modules(model):
+            if name in wanted:
+                new = nn.Conv2d(module.in_channels, nc, 1).to(module.weight.device)
+                nn.init.constant_(new.bias, class_bias(nc, wanted[name]))
+                out.append((name, module, wrapper, new))
+        return out
+
+    def example_input(self, model: nn.Module) -> torch.Tensor:
+        p = next(model.parameters())
+        return torch.zeros(1, model.yaml.get("channels", 3), 64, 64, device=p.device, dtype=p.dtype)
+
+    def on_inject(self, model: nn.Module) -> None:
+        state = model.visionpeft
+        state.setdefault("base_names", dict(model.names))
+        if type(model) is _detection_model_cls():
+            from . import yolo
+
+            model.__class__ = yolo.PeftDetectionModel
+
+    def on_activate(self, model: nn.Module, adapter: dict | None) -> None:
+        names = (adapter or {}).get("names") or model.visionpeft["base_names"]
+        names = {int(k): v for k, v in names.items()}
+        head = self.head(model)
+        model.names = names
+        model.yaml["nc"] = head.nc = len(names)
+        head.no = head.nc + head.reg_max * 4
+        if getattr(model, "criterion", None) is not None:
+            model.criterion = None  # the loss caches the class count; rebuild it lazily
+
+    def on_unload(self, model: nn.Module) -> None:
+        from . import yolo
+
+        if type(model) is yolo.PeftDetectionModel:
+            model.__class__ = _detection_model_cls()

@@ -1,0 +1,284 @@
+"""Find target modules, wrap them with adapters, freeze the rest, switch adapters, merge, report.
+
+The model keeps its own class and attribute layout (an Ultralytics ``DetectionModel`` stays one), so the libraries'
+trainers, validators and exporters keep working on it. What visionpeft knows about the injected adapters lives in
+``model.visionpeft`` (a plain dict, so it survives ``deepcopy`` and pickling in Ultralytics checkpoints).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .families import Family, family_of
+from .methods import AdaptedModule, AdapterConfig, config_from_dict
+from .methods.trainable import TrainableCopy
+
+STATE_ATTR = "visionpeft"
+
+
+def peft_state(model: nn.Module) -> dict:
+    """The adapter bookkeeping of an injected model: ``{"family", "fingerprint", "active", "adapters": {...}}``."""
+    state = getattr(model, STATE_ATTR, None)
+    if state is None:
+        raise ValueError("This model carries no visionpeft adapters. Call visionpeft.inject(model, config) first.")
+    return state
+
+
+def base_named_modules(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module, nn.Module | None]]:
+    """``(name, module, wrapper)`` over the model as it was before injection: wrappers are transparent."""
+    for name, child in module.named_children():
+        full = f"{prefix}{name}"
+        if isinstance(child, AdaptedModule):
+            yield full, child.base_layer, child
+            yield from base_named_modules(child.base_layer, f"{full}.")
+        else:
+            yield full, child, None
+            yield from base_named_modules(child, f"{full}.")
+
+
+def adapted_modules(model: nn.Module) -> Iterator[tuple[str, AdaptedModule]]:
+    for name, m in model.named_modules():
+        if isinstance(m, AdaptedModule):
+            yield name, m
+
+
+def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict the model had before injection: adapter tensors dropped, ``base_layer.`` unwrapped."""
+    return {
+        k.replace(".base_layer.", "."): v for k, v in model.state_dict().items() if ".adapters." not in k
+    }
+
+
+def fingerprint(model: nn.Module) -> dict[str, str]:
+    """Architecture (tensor names, shapes, dtypes) and weight hash of the base model."""
+    sd = base_state_dict(model)
+    arch, weights = hashlib.sha256(type(model).__name__.encode()), hashlib.sha256()
+    for k, v in sd.items():
+        arch.update(f"{k}:{tuple(v.shape)}:{v.dtype};".encode())
+        weights.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return {"architecture": arch.hexdigest()[:16], "weights": weights.hexdigest()[:16]}
+
+
+def _matches(name: str, patterns: Sequence[str]) -> bool:
+    return any(name == p or name.endswith(f".{p}") or re.fullmatch(p, name) for p in patterns)
+
+
+def is_target(name: str, module: nn.Module, config: AdapterConfig) -> bool:
+    if config.target_types and type(module).__name__ not in config.target_types:
+        return False
+    if config.target_modules and not _matches(name, config.target_modules):
+        return False
+    if config.layers is not None and not any(name.startswith(f"model.{i}.") or name == f"model.{i}"
+                                             for i in config.layers):
+        return False
+    return not _matches(name, config.exclude_modules)
+
+
+def rank_for(name: str, config: AdapterConfig) -> int:
+    for pattern, r in config.rank_pattern.items():
+        if _matches(name, [pattern]):
+            return int(r)
+    return int(getattr(config, "r", 0))
+
+
+def _probe_shapes(model: nn.Module, family: Family, names: set[str]) -> dict[str, tuple[torch.Size, torch.Size]]:
+    """Input and output shapes of the named modules, from one forward of the family's example input."""
+    shapes, hooks = {}, []
+    for name, m, _ in base_named_modules(model):
+        if name in names:
+            hooks.append(m.register_forward_hook(
+                lambda mod, inp, out, n=name: shapes.setdefault(n, (inp[0].shape, out.shape))))
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(family.example_input(model))
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+    return shapes
+
+
+def inject(
+    model: nn.Module,
+    configs: AdapterConfig | Sequence[AdapterConfig | dict],
+    adapter_name: str = "default",
+    names: dict[int, str] | Sequence[str] | None = None,
+) -> nn.Module:
+    """Add adapter ``adapter_name`` to ``model`` in place, activate it and freeze everything else.
+
+    ``configs`` are method configs (or their dicts); a module gets the first config that targets it. ``names`` are
+    the class names of the task (detectors): when they differ from the model's, the family re-initialises the
+    class outputs as trainable modules of this adapter.
+    """
+    configs = [configs] if isinstance(configs, AdapterConfig) else list(configs)
+    family = family_of(model)
+    configs = [family.with_defaults(config_from_dict(c) if isinstance(c, dict) else c) for c in configs]
+    state = getattr(model, STATE_ATTR, None)
+    if state is None:
+        state = {"family": family.name, "fingerprint": fingerprint(model), "active": None, "adapters": {}}
+    if adapter_name in state["adapters"]:
+        raise ValueError(f"The model already has an adapter named '{adapter_name}'. Pick another name.")
+    names = family.normalize_names(names) if names is not None else None
+
+    plan: dict[str, tuple[nn.Module, AdaptedModule | None, object]] = {}  # name -> (base, wrapper, adapter factory)
+    for name, module, wrapper, new_module in family.class_output_replacements(model, names):
+        plan[name] = (module, wrapper, lambda base, m=new_module: TrainableCopy(m))
+    for config in configs:
+        for name, module, wrapper in base_named_modules(model):
+            if name not in plan and is_target(name, module, config):
+                plan[name] = (module, wrapper, config)
+    if not plan:
+        raise ValueError(f"No module of the model matches the adapter targets {[c.to_dict() for c in configs]}.")
+
+    shaped = {n for n, (_, _, c) in plan.items() if getattr(c, "needs_shapes", False)}
+    shapes = _probe_shapes(model, family, shaped) if shaped else {}
+    targets = {}
+    for name, (module, wrapper, config) in plan.items():
+        if callable(config) and not isinstance(config, AdapterConfig):
+            adapter, method = config(module), "trainable"
+        else:
+            r = rank_for(name, config)
+            adapter = config.build(module, r, shapes[name]) if name in shaped else config.build(module, r)
+            method = config.method
+        p = next(module.parameters(), None)
+        if p is not None:
+            adapter.to(p.device)
+        if wrapper is None:
+            wrapper = AdaptedModule(module)
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, attr, wrapper)
+        wrapper.add_adapter(adapter_name, adapter)
+        targets[name] = method
+
+    state["adapters"][adapter_name] = {
+        "configs": [c.to_dict() for c in configs],
+        "targets": targets,
+        "names": names,
+    }
+    setattr(model, STATE_ATTR, state)
+    family.on_inject(model)
+    set_adapter(model, adapter_name)
+    return model
+
+
+def set_adapter(model: nn.Module, adapter_name: str | None) -> nn.Module:
+    """Activate ``adapter_name`` everywhere (``None``: the plain base model) and make only it trainable."""
+    state = peft_state(model)
+    if adapter_name is not None and adapter_name not in state["adapters"]:
+        raise KeyError(f"No adapter named '{adapter_name}'. Loaded adapters: {sorted(state['adapters'])}.")
+    for _, wrapper in adapted_modules(model):
+        wrapper.set_adapter(adapter_name)
+    state["active"] = adapter_name
+    family_of(model).on_activate(model, state["adapters"].get(adapter_name))
+    freeze(model)
+    return model
+
+
+def trainable_parameter_names(model: nn.Module) -> set[str]:
+    """Names of the parameters the active adapter trains."""
+    active = peft_state(model)["active"]
+    marker = f".adapters.{active}."
+    return {n for n, _ in model.named_parameters() if marker in n}
+
+
+def freeze(model: nn.Module) -> set[str]:
+    """Set ``requires_grad`` to train exactly the active adapter; returns the trainable names.
+
+    Trainers that re-enable gradients on frozen parameters (Ultralytics does) call this again before building
+    their optimizer.
+    """
+    names = trainable_parameter_names(model)
+    for n, p in model.named_parameters():
+        p.requires_grad_(n in names)
+    return names
+
+
+def frozen_norm_modules(model: nn.Module) -> list[nn.Module]:
+    """BatchNorm layers with no trainable parameter: their running statistics must not move (eval mode)."""
+    return [
+        m for m in model.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and not any(p.requires_grad for p in m.parameters())
+    ]
+
+
+def merge_(model: nn.Module) -> nn.Module:
+    """Fold the active mergeable adapters into the base weights, in place; other adapters are dropped."""
+    for name, wrapper in reversed(list(adapted_modules(model))):  # inner wrappers first
+        active = wrapper.active_adapter
+        if active is None or wrapper.adapters[active].mergeable:
+            replacement = wrapper.merged()
+        else:  # keep a wrapper holding only the active, non-mergeable adapter
+            for other in [k for k in wrapper.adapters if k != active]:
+                del wrapper.adapters[other]
+            continue
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attr, replacement)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if not any(True for _ in adapted_modules(model)):
+        family_of(model).on_unload(model)
+        if hasattr(model, STATE_ATTR):
+            delattr(model, STATE_ATTR)
+    return model
+
+
+def merge(model: nn.Module) -> nn.Module:
+    """A new model with the active adapter folded in: a plain model of the base's class (the input is unchanged).
+
+    Non-mergeable adapters (bottleneck) stay as modules that compute the same function and export to ONNX.
+    """
+    return merge_(copy.deepcopy(model))
+
+
+@dataclass
+class TrainableReport:
+    """Trainable parameters per top-level block and in total."""
+
+    rows: list[tuple[str, int, int]]  # (block, trainable, total)
+    trainable: int
+    total: int
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.trainable / max(self.total, 1)
+
+    def __str__(self) -> str:
+        w = max([len(b) for b, _, _ in self.rows] + [5])
+        lines = [f"{'block':<{w}} {'trainable':>10} {'total':>10} {'%':>7}"]
+        lines += [f"{b:<{w}} {t:>10,} {n:>10,} {100 * t / max(n, 1):>6.2f}%" for b, t, n in self.rows if t]
+        lines.append(f"{'all':<{w}} {self.trainable:>10,} {self.total:>10,} {self.percent:>6.2f}%")
+        return "\n".join(lines)
+
+
+def _block_of(name: str) -> str:
+    parts = name.split(".")
+    return ".".join(parts[:2]) if len(parts) > 2 and parts[1].isdigit() else parts[0]
+
+
+def trainable_report(model: nn.Module) -> TrainableReport:
+    """Count the parameters the active model computes with, by block; trainable = ``requires_grad``.
+
+    Inactive adapters and base modules that the active adapter replaces outright are left out of the total.
+    """
+    skip = []
+    for name, wrapper in adapted_modules(model):
+        skip += [f"{name}.adapters.{k}." for k in wrapper.adapters if k != wrapper.active_adapter]
+        if wrapper.active_adapter and isinstance(wrapper.adapters[wrapper.active_adapter], TrainableCopy):
+            skip.append(f"{name}.base_layer.")
+    rows: dict[str, list[int]] = {}
+    for n, p in model.named_parameters():
+        if any(n.startswith(s) for s in skip):
+            continue
+        row = rows.setdefault(_block_of(n), [0, 0])
+        row[0] += p.numel() if p.requires_grad else 0
+        row[1] += p.numel()
+    out = [(b, t, n) for b, (t, n) in rows.items()]
+    return TrainableReport(out, sum(r[1] for r in out), sum(r[2] for r in out))

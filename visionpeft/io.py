@@ -1,0 +1,138 @@
+"""Adapter files: safetensors with only the adapter's tensors, plus JSON metadata; written atomically.
+
+Tensor keys are ``<module name>/<tensor path inside the adapter>``, independent of the adapter's name, so a file
+can be loaded under any name. Metadata: format version, visionpeft version, family, method configs, targets,
+class names and the fingerprint of the base model the adapter was trained on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save as save_bytes
+from torch import nn
+
+from .inject import adapted_modules, fingerprint, inject, peft_state, set_adapter
+
+FORMAT = "visionpeft.adapter.v1"
+
+
+class AdapterFileError(ValueError):
+    """An adapter file is missing, corrupt, or does not fit the model it is loaded onto."""
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` so a reader sees the old file or the new one, never a partial one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def adapter_state_dict(model: nn.Module, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of one adapter (default: the active one), keyed ``<module>/<tensor>``."""
+    name = adapter_name or peft_state(model)["active"]
+    out = {}
+    for module_name, wrapper in adapted_modules(model):
+        if name in wrapper.adapters:
+            for k, v in wrapper.adapters[name].state_dict().items():
+                out[f"{module_name}/{k}"] = v.detach().to("cpu", copy=True).contiguous()
+    return out
+
+
+def adapter_metadata(model: nn.Module, adapter_name: str | None = None) -> dict:
+    from . import __version__
+
+    state = peft_state(model)
+    name = adapter_name or state["active"]
+    if name not in state["adapters"]:
+        raise KeyError(f"No adapter named '{name}'. Loaded adapters: {sorted(state['adapters'])}.")
+    return {"format": FORMAT, "visionpeft_version": __version__, "family": state["family"], "adapter_name": name,
+            "fingerprint": state["fingerprint"], **state["adapters"][name]}
+
+
+def adapter_to_bytes(model: nn.Module, adapter_name: str | None = None, extra: dict | None = None) -> bytes:
+    meta = {**adapter_metadata(model, adapter_name), **(extra or {})}
+    return save_bytes(adapter_state_dict(model, adapter_name), metadata={"visionpeft": json.dumps(meta)})
+
+
+def save_adapter(model: nn.Module, path: str | Path, adapter_name: str | None = None,
+                 extra: dict | None = None) -> Path:
+    """Save one adapter (default: the active one) to a ``.safetensors`` file, atomically."""
+    return atomic_write_bytes(path, adapter_to_bytes(model, adapter_name, extra))
+
+
+def read_adapter(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """Tensors and metadata of an adapter file, with a clear error for a missing, corrupt or foreign file."""
+    path = Path(path)
+    if not path.is_file():
+        raise AdapterFileError(f"Adapter file not found: '{path}'. Pass the .safetensors file a training run wrote "
+                               "(runs/<task>/<name>/weights/best.safetensors).")
+    try:
+        with safe_open(str(path), "pt") as f:
+            raw = (f.metadata() or {}).get("visionpeft")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not a dict
+    except (SafetensorError, ValueError, OSError, RuntimeError) as e:
+        raise AdapterFileError(f"'{path}' is not a readable safetensors file (corrupt or truncated?): {e}. "
+                               "Re-export or re-download the adapter.") from e
+    try:
+        meta = json.loads(raw) if raw else None
+    except json.JSONDecodeError as e:
+        raise AdapterFileError(f"'{path}' has corrupt visionpeft metadata: {e}.") from e
+    if not meta or meta.get("format") != FORMAT:
+        raise AdapterFileError(f"'{path}' is a safetensors file but not a visionpeft adapter (no '{FORMAT}' "
+                               "metadata). Save adapters with visionpeft.save_adapter().")
+    return tensors, meta
+
+
+def check_fingerprint(model: nn.Module, meta: dict, path: str | Path) -> None:
+    state = getattr(model, "visionpeft", None)
+    actual = state["fingerprint"] if state else fingerprint(model)
+    expected = meta["fingerprint"]
+    if actual != expected:
+        raise AdapterFileError(
+            f"Adapter '{path}' was trained on another base model.\n"
+            f"  expected base fingerprint: {expected}\n"
+            f"  this model's fingerprint:  {actual}\n"
+            f"Load the base model the adapter was trained from (its source: {meta.get('base', 'unknown')})."
+        )
+
+
+def load_adapter(model: nn.Module, path: str | Path, adapter_name: str | None = None,
+                 activate: bool = True) -> nn.Module:
+    """Load an adapter file onto ``model`` (the same base it was trained on), under ``adapter_name``."""
+    tensors, meta = read_adapter(path)
+    check_fingerprint(model, meta, path)
+    name = adapter_name or meta["adapter_name"]
+    previous = getattr(model, "visionpeft", {}).get("active")
+    inject(model, meta["configs"], adapter_name=name, names=meta.get("names"))
+    wrappers = dict(adapted_modules(model))
+    expected = {f"{m}/{k}" for m, w in wrappers.items() if name in w.adapters for k in w.adapters[name].state_dict()}
+    if set(tensors) != expected:
+        missing, unexpected = sorted(expected - set(tensors))[:5], sorted(set(tensors) - expected)[:5]
+        raise AdapterFileError(f"'{path}' does not fit this model: missing {missing}, unexpected {unexpected}.")
+    per_module: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        module_name, _, tensor_name = key.partition("/")
+        per_module.setdefault(module_name, {})[tensor_name] = value
+    for module_name, sd in per_module.items():
+        try:
+            wrappers[module_name].adapters[name].load_state_dict(sd, strict=True)
+        except RuntimeError as e:
+            raise AdapterFileError(f"'{path}' does not fit this model at '{module_name}': {e}") from e
+    set_adapter(model, name if activate else previous)
+    return model

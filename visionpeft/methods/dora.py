@@ -1,0 +1,51 @@
+"""DoRA (Liu et al., 2024): LoRA on the direction of each output filter, with a learned magnitude.
+
+``W' = m * (W + s * B A) / ||W + s * B A||``, the norm taken per output channel. The adapted weight is computed
+and used directly, so merging is exact by construction; it works for every conv geometry LoRA supports.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .base import Adapter
+from .lora import LoraConfig, compose_weight, functional_layer, group_rank, low_rank_pair
+
+
+@dataclass
+class DoraConfig(LoraConfig):
+    method = "dora"
+
+    def build(self, base: nn.Module, r: int) -> Adapter:
+        return DoraAdapter(base, r=r, alpha=self.alpha)
+
+
+def channel_norm(w: torch.Tensor) -> torch.Tensor:
+    """L2 norm of each output channel's filter, shaped to broadcast against ``w``."""
+    return w.flatten(1).norm(dim=1).reshape(-1, *([1] * (w.dim() - 1)))
+
+
+class DoraAdapter(Adapter):
+    mergeable = True
+
+    def __init__(self, base: nn.Module, r: int, alpha: float) -> None:
+        super().__init__()
+        self.r = group_rank(base, r)
+        self.scaling = alpha / r
+        self.lora_A, self.lora_B = low_rank_pair(base, self.r)
+        self.magnitude = nn.Parameter(channel_norm(base.weight.detach()).clone())
+
+    def adapted_weight(self, base: nn.Module) -> torch.Tensor:
+        w = base.weight + compose_weight(self.lora_A, self.lora_B, base) * self.scaling
+        return self.magnitude * w / channel_norm(w).clamp_min(1e-12)
+
+    def forward(self, base: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return functional_layer(base, x, self.adapted_weight(base))
+
+    @torch.no_grad()
+    def merge_into(self, base: nn.Module) -> nn.Module:
+        base.weight.copy_(self.adapted_weight(base))
+        return base

@@ -1,0 +1,99 @@
+"""LoRA (Hu et al., 2021) for ``nn.Linear`` and ``nn.Conv2d`` of any kernel, stride, dilation and ``groups``.
+
+For a convolution, ``A`` is a conv with the base's kernel, stride, padding and dilation that maps each channel group
+to ``r`` channels, and ``B`` is a grouped 1x1 conv back to the group's outputs. Their composition is itself a conv
+with the base's geometry, so the update ``delta_W`` folds into the base weight exactly. For grouped and depthwise
+convs the rank is per group and capped at what one group can hold (a depthwise 3x3 group holds rank 1).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import Adapter, AdapterConfig
+
+
+@dataclass
+class LoraConfig(AdapterConfig):
+    """LoRA options; ``alpha / r`` scales the update, ``dropout`` acts on the adapter's input only."""
+
+    method = "lora"
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+
+    def build(self, base: nn.Module, r: int) -> Adapter:
+        return LoraAdapter(base, r=r, alpha=self.alpha, dropout=self.dropout)
+
+
+def group_rank(base: nn.Module, r: int) -> int:
+    """Rank per channel group: ``r`` capped at the group's output count and its input fan-in."""
+    if isinstance(base, nn.Conv2d):
+        groups = base.groups
+        fan_in = base.in_channels // groups * math.prod(base.kernel_size)
+        return max(1, min(r, base.out_channels // groups, fan_in))
+    return max(1, min(r, base.in_features, base.out_features))
+
+
+def low_rank_pair(base: nn.Module, r: int) -> tuple[nn.Module, nn.Module]:
+    """The down (``A``) and up (``B``) projections whose composition has the geometry of ``base``."""
+    if isinstance(base, nn.Conv2d):
+        g = base.groups
+        a = nn.Conv2d(base.in_channels, r * g, base.kernel_size, base.stride, base.padding, base.dilation,
+                      groups=g, bias=False, padding_mode=base.padding_mode)
+        b = nn.Conv2d(r * g, base.out_channels, 1, groups=g, bias=False)
+    elif isinstance(base, nn.Linear):
+        a, b = nn.Linear(base.in_features, r, bias=False), nn.Linear(r, base.out_features, bias=False)
+    else:
+        raise TypeError(f"LoRA supports nn.Conv2d and nn.Linear, not {type(base).__name__}.")
+    a.to(base.weight.device, base.weight.dtype)
+    b.to(base.weight.device, base.weight.dtype)
+    nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5))
+    nn.init.zeros_(b.weight)  # the injected model starts equal to the base
+    return a, b
+
+
+def compose_weight(a: nn.Module, b: nn.Module, base: nn.Module) -> torch.Tensor:
+    """The weight of ``b(a(x))`` as one layer with the shape of ``base.weight``."""
+    if isinstance(base, nn.Linear):
+        return b.weight @ a.weight
+    g = base.groups
+    wa = a.weight.reshape(g, a.out_channels // g, -1)  # (g, r, in/g * kh * kw)
+    wb = b.weight.reshape(g, b.out_channels // g, -1)  # (g, out/g, r)
+    return torch.bmm(wb, wa).reshape(base.weight.shape)
+
+
+class LoraAdapter(Adapter):
+    """``y = base(x) + (alpha / r) * B(A(dropout(x)))``."""
+
+    mergeable = True
+
+    def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.r = group_rank(base, r)
+        self.scaling = alpha / r
+        self.lora_A, self.lora_B = low_rank_pair(base, self.r)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def delta_weight(self, base: nn.Module) -> torch.Tensor:
+        return compose_weight(self.lora_A, self.lora_B, base) * self.scaling
+
+    def forward(self, base: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return base(x) + self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
+
+    @torch.no_grad()
+    def merge_into(self, base: nn.Module) -> nn.Module:
+        base.weight += self.delta_weight(base).to(base.weight.dtype)
+        return base
+
+
+def functional_layer(base: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Run ``base``'s operation with another weight (its own bias and geometry)."""
+    if isinstance(base, nn.Linear):
+        return F.linear(x, weight, base.bias)
+    return base._conv_forward(x, weight, base.bias)
