@@ -50,6 +50,12 @@ class AdapterConfig:
         return cls(**d)
 
 
+def full_precision(x: torch.Tensor) -> torch.autocast:
+    """Run adapter math in float32 even under AMP: low-rank products of fp16 activations overflow (the adapter's
+    gradient then turns inf/NaN and the scaler skips every step), and adapters are too small for fp16 to pay."""
+    return torch.autocast(x.device.type, enabled=False)
+
+
 class Adapter(nn.Module):
     """One adapter on one base module. Subclasses implement ``forward(base, x)`` and, if mergeable, ``merge_into``."""
 

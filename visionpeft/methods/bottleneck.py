@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .base import Adapter, AdapterConfig
+from .base import Adapter, AdapterConfig, full_precision
 
 ACTIVATIONS = {"silu": nn.SiLU, "relu": nn.ReLU, "gelu": nn.GELU}
 
@@ -49,7 +49,9 @@ class ParallelAdapter(Adapter):
         self.scale = nn.Parameter(torch.tensor(float(scale)))
 
     def forward(self, base: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        return base(x) + self.scale * self.up(self.act(self.down(x)))
+        with full_precision(x):
+            delta = self.scale * self.up(self.act(self.down(x.float())))
+        return base(x) + delta
 
 
 class ConvBottleneck(ParallelAdapter):

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .base import Adapter
+from .base import Adapter, full_precision
 from .lora import LoraConfig, compose_weight, functional_layer, group_rank, low_rank_pair
 
 
@@ -43,7 +43,9 @@ class DoraAdapter(Adapter):
         return self.magnitude * w / channel_norm(w).clamp_min(1e-12)
 
     def forward(self, base: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        return functional_layer(base, x, self.adapted_weight(base))
+        with full_precision(x):  # the per-filter norm of a fp16 weight loses the small LoRA update
+            w = self.adapted_weight(base)
+        return functional_layer(base, x, w)
 
     @torch.no_grad()
     def merge_into(self, base: nn.Module) -> nn.Module:

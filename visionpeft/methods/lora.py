@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Adapter, AdapterConfig
+from .base import Adapter, AdapterConfig, full_precision
 
 
 @dataclass
@@ -84,7 +84,9 @@ class LoraAdapter(Adapter):
         return compose_weight(self.lora_A, self.lora_B, base) * self.scaling
 
     def forward(self, base: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        return base(x) + self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
+        with full_precision(x):
+            delta = self.lora_B(self.lora_A(self.dropout(x.float()))) * self.scaling
+        return base(x) + delta
 
     @torch.no_grad()
     def merge_into(self, base: nn.Module) -> nn.Module:
