@@ -91,10 +91,15 @@ def rank_for(name: str, config: AdapterConfig) -> int:
 def _probe_shapes(model: nn.Module, family: Family, names: set[str]) -> dict[str, tuple[torch.Size, torch.Size]]:
     """Input and output shapes of the named modules, from one forward of the family's example input."""
     shapes, hooks = {}, []
+
+    def record(name: str):
+        def hook(module: nn.Module, inp: tuple, out: torch.Tensor) -> None:  # returning a value would replace `out`
+            shapes.setdefault(name, (inp[0].shape, out.shape))
+        return hook
+
     for name, m, _ in base_named_modules(model):
         if name in names:
-            hooks.append(m.register_forward_hook(
-                lambda mod, inp, out, n=name: shapes.setdefault(n, (inp[0].shape, out.shape))))
+            hooks.append(m.register_forward_hook(record(name)))
     was_training = model.training
     try:
         with torch.no_grad():

@@ -61,8 +61,9 @@ def adapter_metadata(model: nn.Module, adapter_name: str | None = None) -> dict:
     name = adapter_name or state["active"]
     if name not in state["adapters"]:
         raise KeyError(f"No adapter named '{name}'. Loaded adapters: {sorted(state['adapters'])}.")
+    base = {"base": state["base"]} if state.get("base") else {}  # the base weights' path, set by the trainer
     return {"format": FORMAT, "visionpeft_version": __version__, "family": state["family"], "adapter_name": name,
-            "fingerprint": state["fingerprint"], **state["adapters"][name]}
+            "fingerprint": state["fingerprint"], **base, **state["adapters"][name]}
 
 
 def adapter_to_bytes(model: nn.Module, adapter_name: str | None = None, extra: dict | None = None) -> bytes:

@@ -28,7 +28,8 @@ def load_base(source: str | Path | nn.Module, nc: int | None = None, **timm_kwar
 
     ``source``: an Ultralytics ``.pt`` checkpoint (path or a name in the assets' weights), a model YAML
     (``yolo11n.yaml``, random weights, ``nc`` classes), ``timm:<model name>`` (``timm_kwargs`` go to
-    ``timm.create_model``), or a module, returned as is.
+    ``timm.create_model``), a ViT detector ``vitdet:<timm name>`` or YAML with ``vitdet:`` (``timm_kwargs`` are
+    its options: ``pretrained``, ``img_size``, ``channels``, ...), or a module, returned as is.
     """
     if isinstance(source, nn.Module):
         return source
@@ -37,10 +38,8 @@ def load_base(source: str | Path | nn.Module, nc: int | None = None, **timm_kwar
         import timm
 
         return timm.create_model(s[5:], **{"pretrained": False, **timm_kwargs}).eval()
-    if s.endswith((".yaml", ".yml")):
-        from ultralytics.nn.tasks import DetectionModel
-
-        return DetectionModel(s, nc=nc, verbose=False).eval()
+    if s.startswith("vitdet:") or s.endswith((".yaml", ".yml")):
+        return build_detector(s, nc=nc, **timm_kwargs).eval()
     from ultralytics.nn.tasks import load_checkpoint
 
     path = resolve_weights(s)
@@ -54,3 +53,17 @@ def load_base(source: str | Path | nn.Module, nc: int | None = None, **timm_kwar
     return model
 
 
+def build_detector(cfg: str | Path | dict, nc: int | None = None, ch: int = 3, **options) -> nn.Module:
+    """A new detector from an architecture: an Ultralytics model YAML (or its dict), or a ViT detector spec
+    (``vitdet:<timm name>``, or a YAML/dict with ``vitdet:``; ``options`` are its options)."""
+    from .vitdet.model import is_vitdet
+
+    if is_vitdet(cfg):
+        from .vitdet.model import build_vitdet
+
+        return build_vitdet(cfg, nc=nc, ch=ch, **options)
+    if options:
+        raise ValueError(f"Model options {sorted(options)} only apply to ViT detectors ('vitdet:<timm name>').")
+    from ultralytics.nn.tasks import DetectionModel
+
+    return DetectionModel(cfg, nc=nc, ch=ch, verbose=False)

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from .base import Family
 from .vit import VitFamily
+from .vitdet import VitDetFamily
 from .yolo import YoloFamily
 
-FAMILIES: list[Family] = [YoloFamily(), VitFamily()]
+FAMILIES: list[Family] = [VitDetFamily(), YoloFamily(), VitFamily()]  # VitDet models are DetectionModels too
 
 
 def register_family(family: Family, first: bool = True) -> None:
@@ -22,4 +23,4 @@ def family_of(model) -> Family:
     return next((f for f in FAMILIES if f.matches(model)), Family())
 
 
-__all__ = ["FAMILIES", "Family", "VitFamily", "YoloFamily", "family_of", "register_family"]
+__all__ = ["FAMILIES", "Family", "VitDetFamily", "VitFamily", "YoloFamily", "family_of", "register_family"]

@@ -37,7 +37,9 @@ def group_rank(base: nn.Module, r: int) -> int:
         groups = base.groups
         fan_in = base.in_channels // groups * math.prod(base.kernel_size)
         return max(1, min(r, base.out_channels // groups, fan_in))
-    return max(1, min(r, base.in_features, base.out_features))
+    if isinstance(base, nn.Linear):
+        return max(1, min(r, base.in_features, base.out_features))
+    raise TypeError(f"LoRA supports nn.Conv2d and nn.Linear, not {type(base).__name__}.")
 
 
 def low_rank_pair(base: nn.Module, r: int) -> tuple[nn.Module, nn.Module]:

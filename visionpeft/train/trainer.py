@@ -4,20 +4,24 @@ Everything else is Ultralytics' own (datasets, mosaic and other augmentation, lo
 AMP, progress bars, ``results.csv``). The overrides below handle what full fine-tuning assumes:
 
 * ``get_model`` injects the adapters into the pretrained base (Ultralytics' ``Model.train()`` rebuilds the model
-  through this method, so adapters added before ``train()`` would otherwise be dropped);
+  through this method, so adapters added before ``train()`` would otherwise be dropped), and on ``resume`` takes
+  the adapter, recipe and base back from ``last.pt``;
 * ``build_optimizer`` re-freezes the base, since ``_setup_train`` re-enables ``requires_grad`` on every parameter,
   and gives the optimizer the trainable parameters only;
 * ``_model_train`` keeps frozen BatchNorm layers in eval mode, so their running statistics do not drift;
 * ``save_model`` writes ``last.pt``/``best.pt`` atomically and, next to them, the adapter files
   ``last.safetensors``/``best.safetensors`` in float32 (the ``.pt`` files hold an fp16 copy of the EMA);
-* ``resume_training`` restores the exact fp32 base weights that the fp16 checkpoint rounded.
+* ``resume_training`` (and NaN recovery) restore the exact fp32 base weights, and the fp32 adapter, that the fp16
+  checkpoint rounded;
+* ``get_dataset`` finds data YAMLs in the repo's ``datasets/`` and resolves their ``${assets}`` paths;
+* nothing downloads: a local font stands in for ``Arial.ttf`` and the AMP check runs on the model being trained.
 """
 
 from __future__ import annotations
 
 import copy
 import os
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +31,23 @@ from ultralytics.nn.tasks import DetectionModel
 from ultralytics.utils import DEFAULT_CFG, LOGGER
 from ultralytics.utils.torch_utils import unwrap_model
 
-from ..inject import STATE_ATTR, fingerprint, freeze, frozen_norm_modules, inject, set_adapter, trainable_report
-from ..io import adapter_state_dict, save_adapter
+from ..inject import (
+    STATE_ATTR,
+    adapted_modules,
+    fingerprint,
+    freeze,
+    frozen_norm_modules,
+    inject,
+    set_adapter,
+    trainable_report,
+)
+from ..io import AdapterFileError, adapter_state_dict, read_adapter, save_adapter
 from ..methods import LoraConfig, config_from_dict
-from ..models import load_base
+from ..models import build_detector, load_base
+from .data import resolve_dataset
+from .offline import ensure_fonts, offline_amp_check
+
+SPEC_KEY = "train"  # model.visionpeft[SPEC_KEY]: the PeftSpec a checkpoint was trained with (for resume)
 
 
 @dataclass
@@ -48,10 +65,36 @@ class PeftSpec:
     lr_mult: float = 1.0
 
     def __post_init__(self) -> None:
+        if not isinstance(self.adapter_name, str) or not self.adapter_name or "." in self.adapter_name:
+            raise ValueError(f"peft.adapter_name must be a non-empty name without dots, not {self.adapter_name!r}.")
         if self.bn not in {"frozen", "train"}:
-            raise ValueError(f"peft.bn must be 'frozen' or 'train', not '{self.bn}'.")
-        for m in self.methods:
-            config_from_dict(m)  # fail early, with the list of valid options
+            raise ValueError(f"peft.bn must be 'frozen' or 'train', not {self.bn!r}.")
+        if isinstance(self.lr_mult, bool) or not isinstance(self.lr_mult, (int, float)) or not self.lr_mult > 0:
+            raise ValueError(f"peft.lr_mult must be a positive number, not {self.lr_mult!r}.")
+        if not isinstance(self.methods, list) or not self.methods:
+            raise ValueError("peft.methods must be a non-empty list of method configs, e.g. "
+                             "[{method: lora, r: 8, alpha: 16}].")
+        for i, m in enumerate(self.methods):
+            if not isinstance(m, dict):
+                raise ValueError(f"peft.methods[{i}] must be a mapping with a 'method' key, not {m!r}.")
+            try:
+                config_from_dict(m)  # fail early, with the list of valid options
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"peft.methods[{i}]: {e}") from e
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PeftSpec:
+        unknown = sorted(set(d) - set(cls.field_names()))
+        if unknown:
+            raise ValueError(f"Unknown peft key(s) {unknown}. Valid keys: {cls.field_names()}.")
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
     def configs(self) -> list[dict]:
         extra = [{"method": "trainable", "target_types": ["BatchNorm2d"]}] if self.bn == "train" else []
@@ -66,42 +109,90 @@ def copy_base_tensors(dst: nn.Module, src: nn.Module) -> None:
             v.copy_(src_sd[k.replace(".base_layer.", ".")] if k not in src_sd else src_sd[k])
 
 
+def load_adapter_tensors(model: nn.Module, tensors: dict, adapter_name: str) -> None:
+    """Copy adapter tensors (keyed ``<module>/<tensor>`` as in adapter files) into ``model``'s adapter, in place
+    (the optimizer keeps its references)."""
+    per_module: dict[str, dict] = {}
+    for key, value in tensors.items():
+        module_name, _, tensor_name = key.partition("/")
+        per_module.setdefault(module_name, {})[tensor_name] = value
+    wrappers = {n: w for n, w in adapted_modules(model) if adapter_name in w.adapters}
+    if set(per_module) != set(wrappers):
+        raise AdapterFileError(f"Adapter tensors do not fit adapter '{adapter_name}' of this model.")
+    for module_name, wrapper in wrappers.items():
+        wrapper.adapters[adapter_name].load_state_dict(per_module[module_name], strict=True)
+
+
 class PeftDetectionTrainer(DetectionTrainer):
-    """Ultralytics ``DetectionTrainer`` that trains the adapters of ``peft`` (a :class:`PeftSpec` or its dict)."""
+    """Ultralytics ``DetectionTrainer`` that trains the adapters of ``peft`` (a :class:`PeftSpec` or its dict).
+
+    Without ``peft``, a model that already carries adapters (``Model.train(trainer=...)`` after
+    ``visionpeft.inject``) trains its active adapter; otherwise the default spec (LoRA r=8) is injected.
+    """
 
     def __init__(self, cfg=DEFAULT_CFG, overrides: dict[str, Any] | None = None, _callbacks=None,
                  peft: PeftSpec | dict | None = None) -> None:
-        self.peft = peft if isinstance(peft, PeftSpec) else PeftSpec(**(peft or {}))
+        self._peft_given = peft is not None
+        self.peft = peft if isinstance(peft, PeftSpec) else PeftSpec.from_dict(peft or {})
+        self.trainable = None  # the TrainableReport, once the optimizer is built
+        ensure_fonts()  # before get_dataset(), whose check_font would download Arial.ttf
         super().__init__(cfg, overrides, _callbacks)
+
+    # -- data --------------------------------------------------------------------------------------------------
+    def get_dataset(self) -> dict:
+        if self.args.data:
+            self.args.data = str(resolve_dataset(self.args.data, self.save_dir))
+        return super().get_dataset()
 
     # -- model -------------------------------------------------------------------------------------------------
     def get_model(self, cfg=None, weights=None, verbose: bool = True) -> DetectionModel:
-        name = self.peft.adapter_name
         if weights is not None and hasattr(weights, STATE_ATTR):  # resume (last.pt), or adapters injected by hand
             model = copy.deepcopy(weights).float()
+            state = model.visionpeft
+            if self.resume:
+                self._adopt_checkpoint_spec(state)
+            elif not self._peft_given and state.get("active"):
+                self.peft = replace(self.peft, adapter_name=state["active"])
             self._restore_base(model)
-            if name in model.visionpeft["adapters"]:
+            name = self.peft.adapter_name
+            if name in state["adapters"]:
                 set_adapter(model, name)
             else:
                 inject(model, self.peft.configs(), adapter_name=name, names=self.data["names"])
         else:
             base = (copy.deepcopy(weights).float() if weights is not None
-                    else DetectionModel(cfg, nc=self.data["nc"], ch=self.data["channels"], verbose=False))
-            model = inject(base, self.peft.configs(), adapter_name=name, names=self.data["names"])
+                    else build_detector(cfg, nc=self.data["nc"], ch=self.data["channels"]))
+            model = inject(base, self.peft.configs(), adapter_name=self.peft.adapter_name, names=self.data["names"])
             if str(self.args.model).endswith(".pt"):
                 model.visionpeft["base"] = str(Path(self.args.model).resolve())
+        model.visionpeft[SPEC_KEY] = self.peft.to_dict()
         if verbose:
-            LOGGER.info(f"visionpeft adapter '{name}':\n{trainable_report(model)}")
+            LOGGER.info(f"visionpeft adapter '{self.peft.adapter_name}':\n{trainable_report(model)}")
         # Ultralytics' _setup_train warns once per frozen parameter and unfreezes it anyway; build_optimizer
         # freezes again, before any backward pass.
         for p in model.parameters():
             p.requires_grad_(True)
         return model
 
+    def _adopt_checkpoint_spec(self, state: dict) -> None:
+        """On resume, the adapter recipe and LR multiplier are the checkpoint's, not whatever was passed now."""
+        saved = state.get(SPEC_KEY)
+        if saved is None:
+            if state.get("active"):
+                self.peft = replace(self.peft, adapter_name=state["active"])
+            return
+        spec = PeftSpec.from_dict(saved)
+        if self._peft_given and spec != self.peft:
+            LOGGER.warning("visionpeft: resume continues with the checkpoint's peft settings "
+                           f"{spec.to_dict()}, not {self.peft.to_dict()}.")
+        self.peft = spec
+
     def _restore_base(self, model: nn.Module) -> None:
         """Put back the fp32 base weights that an fp16 ``last.pt`` rounded, from the base file if it still fits."""
         source = model.visionpeft.get("base")
-        if not source or not Path(source).is_file():
+        if not source:
+            return
+        if not Path(source).is_file():
             LOGGER.warning(f"visionpeft: base weights '{source}' not found; continuing from the checkpoint's copy.")
             return
         base = load_base(source)
@@ -110,9 +201,14 @@ class PeftDetectionTrainer(DetectionTrainer):
                              f"{fingerprint(base)} != {model.visionpeft['fingerprint']}); cannot resume on them.")
         copy_base_tensors(model, base)
 
+    def _setup_train(self) -> None:
+        with offline_amp_check():
+            super()._setup_train()
+
     # -- optimisation ------------------------------------------------------------------------------------------
     def build_optimizer(self, model, name="auto", lr=0.001, momentum=0.9, decay=1e-5, iterations=1e5):
         freeze(unwrap_model(model))
+        self.trainable = trainable_report(unwrap_model(model))
         optimizer = super().build_optimizer(model, name, lr, momentum, decay, iterations)
         for group in optimizer.param_groups:
             group["params"] = [p for p in group["params"] if p.requires_grad]
@@ -126,16 +222,49 @@ class PeftDetectionTrainer(DetectionTrainer):
         for m in frozen_norm_modules(unwrap_model(self.model)):
             m.eval()
 
+    # -- checkpoints -------------------------------------------------------------------------------------------
     def resume_training(self, ckpt) -> None:
         super().resume_training(ckpt)
-        if ckpt is not None and self.resume and self.ema:  # the EMA came back from fp16 too
-            copy_base_tensors(self.ema.ema, unwrap_model(self.model))
+        if ckpt is None or not self.resume:
+            return
+        model = unwrap_model(self.model)  # its base was restored in get_model
+        targets = [model, self.ema.ema] if self.ema else [model]
+        if self.ema:  # the EMA came back from fp16 too
+            copy_base_tensors(self.ema.ema, model)
+        self._load_fp32_adapter(Path(self.args.model).with_suffix(".safetensors"), int(ckpt["epoch"]), targets)
 
-    # -- checkpoints -------------------------------------------------------------------------------------------
+    def _load_fp32_adapter(self, path: Path, epoch: int, targets: list[nn.Module]) -> None:
+        """Replace the checkpoint's fp16-rounded adapter by the fp32 file saved with it (same epoch only)."""
+        name = self.peft.adapter_name
+        try:
+            tensors, meta = read_adapter(path)
+        except AdapterFileError as e:
+            LOGGER.warning(f"visionpeft: {e} Resuming with the checkpoint's fp16 adapter.")
+            return
+        if meta.get("epoch") != epoch or meta.get("adapter_name") != name:
+            LOGGER.warning(f"visionpeft: '{path}' holds adapter '{meta.get('adapter_name')}' of epoch "
+                           f"{meta.get('epoch')}, the checkpoint epoch {epoch}; resuming with the checkpoint's.")
+            return
+        for m in targets:
+            load_adapter_tensors(m, tensors, name)
+        LOGGER.info(f"visionpeft: resumed the fp32 adapter of epoch {epoch + 1} from '{path}'")
+
+    def _handle_nan_recovery(self, epoch) -> bool:
+        """Ultralytics reloads the model from the fp16 ``last.pt`` here; put the fp32 base back afterwards."""
+        recovered = super()._handle_nan_recovery(epoch)
+        if recovered:
+            model = unwrap_model(self.model)
+            self._restore_base(model)
+            if self.ema:
+                copy_base_tensors(self.ema.ema, model)
+        return recovered
+
     def save_model(self) -> bool:
         """Ultralytics' checkpoints, written atomically, plus the float32 adapter files beside them."""
         last, best = self.last, self.best
         tmp_last, tmp_best = last.with_name(f".{last.name}.tmp"), best.with_name(f".{best.name}.tmp")
+        for tmp in (tmp_last, tmp_best):  # left by a run killed while saving
+            tmp.unlink(missing_ok=True)
         self.last, self.best = tmp_last, tmp_best
         try:
             saved = super().save_model()

@@ -1,0 +1,353 @@
+"""Adapter math on single layers: LoRA and DoRA for every conv geometry and Linear, bottleneck adapters, AMP.
+
+Each adapted output is checked against a reference computed here from the adapter's tensors (not through the
+adapter's own helpers), and every mergeable adapter must fold into its base layer exactly.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from timm.layers import Mlp
+from torch import nn
+
+import visionpeft as vp
+from visionpeft.methods import AdaptedModule, config_from_dict
+from visionpeft.methods.bottleneck import ConvBottleneck, TokenBottleneck
+
+torch.manual_seed(0)
+
+# (in, out, kernel, stride, padding, dilation, groups, padding_mode)
+CONV_GEOMETRIES = {
+    "1x1": (8, 16, 1, 1, 0, 1, 1, "zeros"),
+    "3x3": (8, 16, 3, 1, 1, 1, 1, "zeros"),
+    "3x3-stride2": (8, 12, 3, 2, 1, 1, 1, "zeros"),
+    "5x5-dilated": (8, 8, 5, 1, 4, 2, 1, "zeros"),
+    "3x1-asymmetric": (8, 16, (3, 1), (2, 1), (1, 0), 1, 1, "zeros"),
+    "same-padding-dilated-groups4": (8, 16, 3, 1, "same", 2, 4, "zeros"),
+    "reflect-padding": (8, 16, 3, 1, 1, 1, 1, "reflect"),
+    "grouped": (8, 16, 3, 1, 1, 1, 2, "zeros"),
+    "depthwise": (8, 8, 3, 1, 1, 1, 8, "zeros"),
+    "depthwise-stride2": (8, 8, 3, 2, 1, 1, 8, "zeros"),
+    "depthwise-multiplier2": (8, 16, 3, 1, 1, 1, 8, "zeros"),
+    "depthwise-7x7-nobias": (8, 8, 7, 1, 3, 1, 8, "zeros"),
+}
+
+
+def make_conv(geometry: str) -> nn.Conv2d:
+    cin, cout, k, s, p, d, g, mode = CONV_GEOMETRIES[geometry]
+    return nn.Conv2d(cin, cout, k, s, p, d, groups=g, bias="nobias" not in geometry, padding_mode=mode)
+
+
+def make_layer(kind: str) -> nn.Module:
+    return nn.Linear(24, 40) if kind == "linear" else make_conv(kind)
+
+
+def layer_input(layer: nn.Module) -> torch.Tensor:
+    if isinstance(layer, nn.Linear):
+        return torch.randn(2, 7, layer.in_features)  # tokens: (batch, sequence, features)
+    return torch.randn(2, layer.in_channels, 11, 13)
+
+
+def wrap(layer: nn.Module, config) -> AdaptedModule:
+    wrapper = AdaptedModule(layer)
+    wrapper.add_adapter("a", config.build(layer, config.r))
+    return wrapper
+
+
+def randomize(adapter: nn.Module) -> None:
+    with torch.no_grad():
+        adapter.lora_B.weight.normal_(0, 0.1)
+
+
+def low_rank_delta(adapter, base: nn.Module) -> torch.Tensor:
+    """Reference ``scaling * B @ A`` built group by group from the adapter's two weights."""
+    a, b = adapter.lora_A.weight, adapter.lora_B.weight
+    if isinstance(base, nn.Linear):
+        return adapter.scaling * (b @ a)
+    g, r = base.groups, adapter.r
+    out_g = base.out_channels // g
+    blocks = [b[j * out_g:(j + 1) * out_g, :, 0, 0] @ a[j * r:(j + 1) * r].flatten(1) for j in range(g)]
+    return adapter.scaling * torch.cat(blocks).reshape(base.weight.shape)
+
+
+def apply_weight(base: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    if isinstance(base, nn.Linear):
+        return F.linear(x, weight, base.bias)
+    if base.padding_mode != "zeros":
+        pad = [q for p in reversed(base.padding) for q in (p, p)]
+        return F.conv2d(F.pad(x, pad, mode=base.padding_mode), weight, base.bias, base.stride, 0, base.dilation,
+                        base.groups)
+    return F.conv2d(x, weight, base.bias, base.stride, base.padding, base.dilation, base.groups)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max()) if not a.requires_grad else rel_err(a.detach(), b.detach())
+
+
+LAYERS = ["linear", *CONV_GEOMETRIES]
+
+
+# -- LoRA ------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", LAYERS)
+def test_lora_starts_equal_to_base(kind):
+    layer = make_layer(kind)
+    x = layer_input(layer)
+    wrapper = wrap(copy.deepcopy(layer), vp.LoraConfig(r=4, alpha=8))
+    assert torch.equal(wrapper(x), layer(x))
+    assert wrapper.adapters["a"].lora_B.weight.abs().sum() == 0
+    assert wrapper.adapters["a"].lora_A.weight.abs().sum() > 0  # A is random, or no gradient would reach B
+
+
+@pytest.mark.parametrize("kind", LAYERS)
+def test_lora_output_and_exact_merge(kind):
+    layer = make_layer(kind)
+    x = layer_input(layer)
+    wrapper = wrap(copy.deepcopy(layer), vp.LoraConfig(r=4, alpha=8))
+    adapter = wrapper.adapters["a"]
+    randomize(adapter)
+    expected = apply_weight(layer, x, layer.weight + low_rank_delta(adapter, layer))
+    y = wrapper(x)
+    assert rel_err(y, layer(x)) > 1e-2, "the random adapter should change the output"
+    assert rel_err(y, expected) < 1e-5
+
+    merged = wrapper.merged()
+    assert type(merged) is type(layer)
+    assert rel_err(merged(x), y) < 1e-5
+
+
+@pytest.mark.parametrize("kind", ["3x3", "grouped", "depthwise-multiplier2", "linear"])
+def test_lora_update_has_rank_r_per_group(kind):
+    layer = make_layer(kind)
+    adapter = wrap(layer, vp.LoraConfig(r=2)).adapters["a"]
+    randomize(adapter)
+    delta = low_rank_delta(adapter, layer)
+    groups = getattr(layer, "groups", 1)
+    for block in delta.reshape(groups, delta.shape[0] // groups, -1):
+        assert torch.linalg.matrix_rank(block) == 2
+
+
+def test_lora_rank_is_capped_per_group():
+    """A depthwise 3x3 group maps 9 inputs to 1 output: rank 1 is all it can hold."""
+    assert wrap(make_conv("depthwise"), vp.LoraConfig(r=8)).adapters["a"].r == 1
+    assert wrap(make_conv("depthwise-multiplier2"), vp.LoraConfig(r=8)).adapters["a"].r == 2
+    assert wrap(make_conv("grouped"), vp.LoraConfig(r=8)).adapters["a"].r == 8
+    assert wrap(nn.Linear(4, 40), vp.LoraConfig(r=8)).adapters["a"].r == 4
+
+
+def test_lora_scaling_is_alpha_over_r():
+    layer, x = nn.Linear(24, 40), torch.randn(3, 24)
+    deltas = []
+    for alpha in (4.0, 16.0):
+        wrapper = wrap(copy.deepcopy(layer), vp.LoraConfig(r=4, alpha=alpha))
+        torch.manual_seed(0)
+        with torch.no_grad():
+            wrapper.adapters["a"].lora_A.weight.normal_()
+            wrapper.adapters["a"].lora_B.weight.normal_()
+        assert wrapper.adapters["a"].scaling == alpha / 4
+        deltas.append(wrapper(x) - layer(x))
+    torch.testing.assert_close(deltas[1], 4 * deltas[0], rtol=1e-4, atol=1e-5)
+
+
+def test_lora_dropout_acts_on_the_adapter_input_only():
+    layer, x = nn.Linear(24, 40), torch.randn(16, 24)
+    wrapper = wrap(copy.deepcopy(layer), vp.LoraConfig(r=4, dropout=0.5)).train()
+    assert torch.equal(wrapper(x), layer(x)), "with B = 0, dropout must not touch the base path"
+    randomize(wrapper.adapters["a"])
+    assert not torch.allclose(wrapper(x), wrapper(x)), "training mode: dropout is random"
+    reference = wrap(copy.deepcopy(layer), vp.LoraConfig(r=4, dropout=0.0))
+    reference.adapters["a"].load_state_dict(wrapper.adapters["a"].state_dict())
+    wrapper.eval()
+    assert torch.equal(wrapper(x), wrapper(x))
+    torch.testing.assert_close(wrapper(x), reference(x))
+
+
+def test_lora_rejects_other_layers():
+    with pytest.raises(TypeError, match="Conv2d and nn.Linear"):
+        vp.LoraConfig().build(nn.Conv1d(4, 4, 3), 4)
+
+
+# -- DoRA ------------------------------------------------------------------------------------------------------
+def dora_reference_weight(adapter, base: nn.Module) -> torch.Tensor:
+    w = base.weight + low_rank_delta(adapter, base)
+    norm = w.flatten(1).norm(dim=1).reshape(-1, *([1] * (w.dim() - 1)))
+    return adapter.magnitude * w / norm
+
+
+@pytest.mark.parametrize("kind", LAYERS)
+def test_dora_output_and_exact_merge(kind):
+    layer = make_layer(kind)
+    x = layer_input(layer)
+    wrapper = wrap(copy.deepcopy(layer), vp.DoraConfig(r=4, alpha=8))
+    torch.testing.assert_close(wrapper(x), layer(x), rtol=1e-5, atol=1e-6)  # starts at the base
+
+    adapter = wrapper.adapters["a"]
+    randomize(adapter)
+    with torch.no_grad():
+        adapter.magnitude.mul_(torch.rand_like(adapter.magnitude) + 0.5)
+    y = wrapper(x)
+    assert rel_err(y, layer(x)) > 1e-2
+    assert rel_err(y, apply_weight(layer, x, dora_reference_weight(adapter, layer))) < 1e-5
+
+    merged = wrapper.merged()
+    assert type(merged) is type(layer)
+    assert rel_err(merged(x), y) < 1e-5
+
+
+def test_dora_magnitude_scales_each_output_channel():
+    layer, x = nn.Linear(24, 40), torch.randn(3, 24)
+    wrapper = wrap(copy.deepcopy(layer), vp.DoraConfig(r=4))
+    with torch.no_grad():
+        wrapper.adapters["a"].magnitude.mul_(3.0)
+    torch.testing.assert_close(wrapper(x) - layer.bias, 3 * (layer(x) - layer.bias), rtol=1e-4, atol=1e-5)
+
+
+# -- bottleneck adapters -----------------------------------------------------------------------------------------
+def conv_block(cin: int, cout: int, stride: int) -> nn.Module:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.SiLU()).eval()
+
+
+def wrap_bottleneck(block: nn.Module, x: torch.Tensor, **options) -> AdaptedModule:
+    config = vp.BottleneckConfig(r=4, **options)
+    with torch.no_grad():
+        shapes = (x.shape, block(x).shape)
+    wrapper = AdaptedModule(block)
+    wrapper.add_adapter("a", config.build(block, config.r, shapes))
+    return wrapper
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_conv_bottleneck_runs_parallel_to_a_cnn_block(stride):
+    block, x = conv_block(8, 16, stride), torch.randn(2, 8, 16, 16)
+    wrapper = wrap_bottleneck(copy.deepcopy(block), x, act="relu", scale=0.5)
+    adapter = wrapper.adapters["a"]
+    assert isinstance(adapter, ConvBottleneck)
+    assert torch.equal(wrapper(x), block(x))  # the up projection starts at zero
+
+    with torch.no_grad():
+        adapter.up.weight.normal_(0, 0.1)
+        adapter.up.bias.normal_(0, 0.1)
+    hidden = F.relu(F.conv2d(x, adapter.down.weight, adapter.down.bias, stride, adapter.down.padding))
+    expected = block(x) + 0.5 * F.conv2d(hidden, adapter.up.weight, adapter.up.bias)
+    torch.testing.assert_close(wrapper(x), expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(wrapper(x), block(x))
+    with pytest.raises(TypeError, match="cannot be merged"):
+        adapter.merge_into(block)
+
+
+def test_adaptformer_runs_parallel_to_a_vit_mlp():
+    mlp, x = Mlp(32, 64), torch.randn(2, 5, 32)
+    wrapper = wrap_bottleneck(copy.deepcopy(mlp), x, act="gelu", scale=0.1)
+    adapter = wrapper.adapters["a"]
+    assert isinstance(adapter, TokenBottleneck)
+    assert torch.equal(wrapper(x), mlp(x))
+    with torch.no_grad():
+        adapter.up.weight.normal_(0, 0.1)
+    expected = mlp(x) + 0.1 * adapter.up(F.gelu(adapter.down(x)))
+    torch.testing.assert_close(wrapper(x), expected)
+    assert {n for n, _ in adapter.named_parameters()} == {"scale", "down.weight", "down.bias", "up.weight", "up.bias"}
+
+
+def test_bottleneck_rejects_unknown_activation():
+    block, x = conv_block(4, 4, 1), torch.randn(1, 4, 8, 8)
+    with pytest.raises(ValueError, match="Unknown bottleneck activation 'swish'.*gelu"):
+        wrap_bottleneck(block, x, act="swish")
+
+
+# -- AMP: adapter math stays in float32 ----------------------------------------------------------------------------
+def overflowing_case(kind: str) -> tuple[nn.Module, torch.Tensor]:
+    """A layer and input whose LoRA intermediate ``A x`` exceeds float16's range (65504) while the result does not.
+
+    The base weight is tiny so the base output stays small; ``A`` is large, ``B`` small: in float32 the update is
+    finite and large, in float16 ``A x`` is ``inf`` and so is everything after it.
+    """
+    layer = nn.Linear(64, 8) if kind == "linear" else nn.Conv2d(16, 8, 3, padding=1)
+    with torch.no_grad():
+        layer.weight.fill_(1e-4)
+        layer.bias.zero_()
+    x = torch.full((2, 64) if kind == "linear" else (2, 16, 6, 6), 100.0)
+    return layer, x
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_lora_math_runs_in_float32_under_autocast(kind):
+    layer, x = overflowing_case(kind)
+    wrapper = wrap(layer, vp.LoraConfig(r=4, alpha=4))
+    adapter = wrapper.adapters["a"]
+    with torch.no_grad():
+        adapter.lora_A.weight.fill_(20.0)
+        adapter.lora_B.weight.fill_(1e-3)
+    expected = wrapper(x)  # plain float32
+    assert torch.isfinite(expected).all() and expected.abs().max() > 100
+
+    with torch.autocast("cpu", dtype=torch.float16):
+        half = adapter.lora_B(adapter.lora_A(x))  # what the adapter would compute without full_precision
+        assert half.dtype == torch.float16 and torch.isinf(half).all(), "the test case must overflow in float16"
+        y = wrapper(x)
+    y.float().sum().backward()  # as AMP training does: backward outside the autocast region
+    assert torch.isfinite(y).all()
+    assert rel_err(y.float(), expected) < 1e-2  # the base path itself runs in float16
+    assert torch.isfinite(adapter.lora_B.weight.grad).all() and adapter.lora_B.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_dora_weight_math_runs_in_float32_under_autocast(kind):
+    """DoRA computes an adapted weight: ``B @ A`` beyond float16's range would make the weight inf and NaN."""
+    layer, x = overflowing_case(kind)
+    wrapper = wrap(layer, vp.DoraConfig(r=4, alpha=4e-4))  # scaling 1e-4 brings the 3.6e5 product back to 36
+    adapter = wrapper.adapters["a"]
+    with torch.no_grad():
+        adapter.lora_A.weight.fill_(300.0)
+        adapter.lora_B.weight.fill_(300.0)
+    expected = wrapper(x)
+    assert torch.isfinite(expected).all()
+
+    with torch.autocast("cpu", dtype=torch.float16):
+        a, b = adapter.lora_A.weight.flatten(1), adapter.lora_B.weight.flatten(1)
+        assert torch.isinf(b[:, :4] @ a[:4]).all(), "the test case must overflow in float16"
+        y = wrapper(x)
+    y.float().sum().backward()
+    assert torch.isfinite(y).all()
+    assert rel_err(y.float(), expected) < 1e-2
+    assert torch.isfinite(adapter.lora_B.weight.grad).all() and torch.isfinite(adapter.magnitude.grad).all()
+
+
+def test_bottleneck_math_runs_in_float32_under_autocast():
+    block = nn.Linear(64, 8)
+    with torch.no_grad():
+        block.weight.fill_(1e-4)
+    x = torch.full((2, 64), 100.0)
+    wrapper = wrap_bottleneck(block, x, act="relu", scale=1.0)
+    adapter = wrapper.adapters["a"]
+    with torch.no_grad():
+        adapter.down.weight.fill_(20.0)
+        adapter.up.weight.fill_(1e-3)
+    expected = wrapper(x)
+    with torch.autocast("cpu", dtype=torch.float16):
+        assert torch.isinf(adapter.up(adapter.act(adapter.down(x)))).all()
+        y = wrapper(x)
+    assert torch.isfinite(y).all()
+    assert rel_err(y.float(), expected) < 1e-2
+
+
+# -- configs ---------------------------------------------------------------------------------------------------------
+def test_unknown_option_lists_the_valid_ones():
+    with pytest.raises(ValueError, match=r"Unknown option\(s\) \['rank'\] for method 'lora'.*'alpha'.*'r'"):
+        config_from_dict({"method": "lora", "rank": 8})
+    with pytest.raises(ValueError, match="'act'"):
+        vp.BottleneckConfig.from_dict({"activation": "relu"})
+
+
+def test_unknown_method_lists_the_available_ones():
+    with pytest.raises(ValueError, match=r"Unknown adapter method 'lokr'.*\['bottleneck', 'dora', 'lora'"):
+        config_from_dict({"method": "lokr", "r": 8})
+    with pytest.raises(ValueError, match="Unknown adapter method 'None'"):
+        config_from_dict({"r": 8})
+
+
+def test_config_round_trips_through_its_dict():
+    config = vp.DoraConfig(r=4, alpha=2.0, layers=[1, 2], exclude_modules=["x"], rank_pattern={"cv2": 2})
+    assert config_from_dict(config.to_dict()) == config

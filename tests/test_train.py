@@ -1,0 +1,243 @@
+"""Training through the Ultralytics pipeline, on real data at tiny sizes (coco8, 2% of crop_weed, 64 px, CPU).
+
+What PEFT training must guarantee, each checked where it can break: the base stays bitwise the pretrained one
+(weights and BatchNorm statistics, in the model, the EMA and the checkpoints), the optimizer sees only the adapter,
+the adapter files hold what was trained, configured augmentations run inside Ultralytics' pipeline, an interrupted
+run resumes where it stopped, and nothing touches the network.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from ultralytics.nn.tasks import load_checkpoint
+
+import visionpeft as vp
+from visionpeft.inject import adapted_modules, trainable_parameter_names
+from visionpeft.io import adapter_state_dict, read_adapter
+from visionpeft.methods.trainable import TrainableCopy
+from visionpeft.train import train
+from visionpeft.train.summary import MAP50, MAP50_95
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE = "yolo11n.pt"
+FAST = {"imgsz": 64, "batch": 2, "nbs": 2, "warmup_epochs": 0, "workers": 0, "plots": False, "exist_ok": True}
+
+
+@pytest.fixture(scope="module")
+def fresh_base() -> dict[str, torch.Tensor]:
+    return vp.base_state_dict(vp.load_base(BASE))
+
+
+def assert_base_unchanged(model: torch.nn.Module, fresh: dict[str, torch.Tensor]) -> None:
+    """Every base tensor, weights and BatchNorm running statistics alike, bitwise equal to the pretrained one."""
+    got = vp.base_state_dict(model)
+    assert got.keys() == fresh.keys()
+    changed = [k for k, v in fresh.items() if not torch.equal(got[k].detach().cpu().to(v.dtype), v)]
+    assert not changed, f"{len(changed)} base tensors changed, e.g. {changed[:5]}"
+
+
+class Recorder:
+    """Ultralytics callbacks keeping what the tests inspect: the trainer and the adapter before training."""
+
+    def __init__(self) -> None:
+        self.trainer = None
+        self.initial: dict[str, torch.Tensor] = {}
+        self.start_epoch = None
+
+    def callbacks(self) -> dict:
+        return {"on_pretrain_routine_end": self.setup_done, "on_train_start": self.started}
+
+    def setup_done(self, trainer) -> None:
+        self.trainer = trainer
+        self.initial = {k: v.clone() for k, v in adapter_state_dict(trainer.model).items()}
+
+    def started(self, trainer) -> None:
+        self.start_epoch = trainer.start_epoch
+
+
+@pytest.fixture(scope="module")
+def coco8_run(tmp_path_factory):
+    rec = Recorder()
+    summary = train("coco8_smoke.yaml", callbacks=rec.callbacks(), project=str(tmp_path_factory.mktemp("runs")),
+                    name="coco8", **FAST)
+    return summary, rec
+
+
+def test_coco8_run_writes_adapters_metrics_and_summary(coco8_run):
+    summary, rec = coco8_run
+    run = Path(summary.run_dir)
+    wdir = run / "weights"
+    for f in ("best.pt", "last.pt", "best.safetensors", "last.safetensors"):
+        assert (wdir / f).is_file(), f
+    assert not list(wdir.glob(".*tmp"))  # atomic writes leave no temporaries
+    results = (run / "results.csv").read_text().splitlines()
+    assert MAP50 in results[0] and MAP50_95 in results[0] and len(results) == 1 + 2
+    saved = json.loads((run / "peft_summary.json").read_text())
+    assert saved == summary.to_dict()
+    assert summary.epochs == 2 and summary.map50 is not None and 0 <= summary.map50_95 <= summary.map50 <= 1
+    trainable = trainable_parameter_names(rec.trainer.model)
+    params = dict(rec.trainer.model.named_parameters())
+    assert summary.trainable_params == sum(params[n].numel() for n in trainable) > 0
+    assert summary.adapter_bytes == (wdir / "best.safetensors").stat().st_size < summary.checkpoint_bytes
+    assert summary.seconds_per_epoch > 0 and summary.peak_rss_mib > 0
+    assert (run / "visionpeft.yaml").is_file() and (run / "dataset.yaml").is_file()
+
+
+def test_base_bitwise_unchanged_in_model_ema_and_checkpoints(coco8_run, fresh_base):
+    """Guards the re-freeze before the optimizer (Ultralytics unfreezes everything) and frozen BN in eval mode."""
+    summary, rec = coco8_run
+    assert_base_unchanged(rec.trainer.model, fresh_base)
+    assert_base_unchanged(rec.trainer.ema.ema, fresh_base)
+    for ckpt in ("best.pt", "last.pt"):  # fp16 copies; the pretrained base is fp16-exact, so they must match too
+        model, _ = load_checkpoint(str(Path(summary.run_dir) / "weights" / ckpt))
+        assert_base_unchanged(model, fresh_base)
+
+
+def test_optimizer_holds_exactly_the_adapter(coco8_run):
+    _, rec = coco8_run
+    model = rec.trainer.model
+    trainable = {id(p) for n, p in model.named_parameters() if n in trainable_parameter_names(model)}
+    in_optimizer = [id(p) for g in rec.trainer.optimizer.param_groups for p in g["params"]]
+    assert len(in_optimizer) == len(set(in_optimizer)) and set(in_optimizer) == trainable
+    assert all(not p.requires_grad for n, p in model.named_parameters() if id(p) not in trainable)
+
+
+def test_adapter_trained_and_file_reproduces_the_ema(coco8_run, images):
+    summary, rec = coco8_run
+    tensors, meta = read_adapter(Path(summary.run_dir) / "weights" / "last.safetensors")
+    assert tensors.keys() == rec.initial.keys() and meta["adapter_name"] == "coco8" and meta["epoch"] == 1
+    changed = [k for k, v in tensors.items() if not torch.equal(v, rec.initial[k])]
+    assert len(changed) == len(tensors), f"{len(tensors) - len(changed)} adapter tensors never trained"
+    loaded = vp.load_adapter(vp.load_base(BASE), Path(summary.run_dir) / "weights" / "last.safetensors").eval()
+    ema = copy.deepcopy(rec.trainer.ema.ema).float().cpu().eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(images)[0], ema(images)[0], rtol=1e-4, atol=1e-4)
+
+
+def test_crop_weed_fraction_with_field_augmentations(tmp_path, fresh_base):
+    """The reference config on 2% of crop_weed: new class head, and its albumentations in Ultralytics' pipeline."""
+    from ultralytics.data.augment import Albumentations
+
+    rec = Recorder()
+    summary = train("crops.yaml", callbacks=rec.callbacks(), project=str(tmp_path), name="cw",
+                    **{**FAST, "epochs": 1, "fraction": [0.02, 0.05], "batch": 4, "nbs": 4})
+    trainer = rec.trainer
+    assert trainer.model.names == {0: "crop", 1: "weed"} and summary.adapter_name == "crops"
+
+    def walk(t):
+        for x in getattr(t, "transforms", []):
+            yield x
+            yield from walk(x)
+
+    hooks = [t for t in walk(trainer.train_loader.dataset.transforms) if isinstance(t, Albumentations)]
+    assert len(hooks) == 1
+    spec = yaml.safe_load((ROOT / "configs" / "crops.yaml").read_text())["augmentations"]
+    configured = [next(iter(item)) for item in spec]
+    assert [type(t).__name__ for t in hooks[0].transform.transforms] == configured
+
+    heads = {n: w for n, w in adapted_modules(trainer.ema.ema) if isinstance(w.adapters["crops"], TrainableCopy)}
+    assert heads and all(w.adapters["crops"].module.out_channels == 2 for w in heads.values())
+    for name, w in heads.items():
+        for k, v in w.adapters["crops"].state_dict().items():
+            assert not torch.equal(v, rec.initial[f"{name}/{k}"]), f"class head {name}.{k} did not train"
+    assert_base_unchanged(trainer.ema.ema, fresh_base)
+    assert summary.map50 is not None and (Path(summary.run_dir) / "weights" / "best.safetensors").is_file()
+
+
+def test_resume_continues_an_interrupted_run(tmp_path, fresh_base):
+    """Stop after the epoch-1 checkpoint (KeyboardInterrupt), resume=True: epochs 2-3 run on the fp32 adapter."""
+
+    def interrupt(trainer):
+        if trainer.epoch == 0:
+            raise KeyboardInterrupt
+
+    args = {**FAST, "epochs": 3, "project": str(tmp_path), "name": "res"}
+    with pytest.raises(KeyboardInterrupt):
+        train("coco8_smoke.yaml", callbacks={"on_model_save": interrupt}, **args)
+    wdir = tmp_path / "res" / "weights"
+    first_tensors, first_meta = read_adapter(wdir / "last.safetensors")
+    assert first_meta["epoch"] == 0 and len((tmp_path / "res" / "results.csv").read_text().splitlines()) == 2
+
+    rec = Recorder()
+    summary = train("coco8_smoke.yaml", callbacks=rec.callbacks(), resume=True, project=str(tmp_path), name="res")
+    assert rec.start_epoch == 1 and summary.run_dir == str(tmp_path / "res")
+    for k, v in first_tensors.items():  # the fp32 adapter of epoch 1, not the fp16 copy in last.pt
+        assert torch.equal(rec.initial[k], v), k
+    rows = (tmp_path / "res" / "results.csv").read_text().splitlines()[1:]
+    assert [int(r.split(",")[0]) for r in rows] == [1, 2, 3]
+    assert read_adapter(wdir / "last.safetensors")[1]["epoch"] == 2 and (wdir / "best.safetensors").is_file()
+    assert_base_unchanged(rec.trainer.model, fresh_base)
+    assert_base_unchanged(rec.trainer.ema.ema, fresh_base)
+
+
+def test_model_train_keeps_adapters_injected_by_hand(tmp_path, fresh_base):
+    """``YOLO.train(trainer=PeftDetectionTrainer)`` rebuilds the model through get_model: the hand-made adapter
+    must be the one trained, and the only thing trained."""
+    from ultralytics import YOLO
+
+    from visionpeft.train import PeftDetectionTrainer
+
+    yolo = YOLO(str(vp.models.resolve_weights(BASE)))
+    vp.inject(yolo.model, vp.LoraConfig(r=2), adapter_name="hand")
+    rec = Recorder()
+    for event, fn in rec.callbacks().items():
+        yolo.add_callback(event, fn)
+    yolo.train(trainer=PeftDetectionTrainer, data="coco8.yaml", epochs=1, project=str(tmp_path), name="hand",
+               **{k: v for k, v in FAST.items() if k != "exist_ok"})
+    assert read_adapter(tmp_path / "hand" / "weights" / "last.safetensors")[1]["adapter_name"] == "hand"
+    assert set(vp.peft_state(rec.trainer.model)["adapters"]) == {"hand"}
+    assert_base_unchanged(rec.trainer.ema.ema, fresh_base)
+
+
+GUARD = textwrap.dedent("""
+    import json, runpy, socket, sys
+    attempts = []
+    LOCAL = {"localhost", "127.0.0.1", "::1", None}
+    real_connect, real_getaddrinfo = socket.socket.connect, socket.getaddrinfo
+    def connect(self, address):
+        if isinstance(address, tuple) and address[0] not in LOCAL:
+            attempts.append(str(address)); raise OSError("network blocked by test")
+        return real_connect(self, address)
+    def getaddrinfo(host, *args, **kwargs):
+        if host not in LOCAL:
+            attempts.append(f"dns:{host}"); raise socket.gaierror("network blocked by test")
+        return real_getaddrinfo(host, *args, **kwargs)
+    socket.socket.connect, socket.getaddrinfo = connect, getaddrinfo
+    sys.argv = sys.argv[1:]
+    try:
+        runpy.run_path(sys.argv[0], run_name="__main__")
+    except SystemExit as e:
+        code = e.code
+    else:
+        code = 0
+    print("ATTEMPTS=" + json.dumps(attempts))
+    sys.exit(code)
+""")
+
+
+def test_cli_trains_offline_with_plots(tmp_path):
+    """``scripts/train.py`` end to end with plots, a fresh Ultralytics config dir (no cached fonts) and every
+    non-loopback connection or DNS lookup recorded and refused."""
+    guard = tmp_path / "guard.py"
+    guard.write_text(GUARD)
+    env = {**os.environ, "YOLO_CONFIG_DIR": str(tmp_path / "ultralytics_config")}
+    cmd = [sys.executable, str(guard), str(ROOT / "scripts" / "train.py"), "--cfg", "coco8_smoke.yaml", "epochs=1",
+           "plots=True", f"project={tmp_path}", "name=cli"]
+    out = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    attempts = json.loads(out.stdout.rsplit("ATTEMPTS=", 1)[1])
+    assert attempts == []
+    run = tmp_path / "cli"
+    for f in ("results.png", "labels.jpg", "val_batch0_pred.jpg", "weights/best.safetensors", "peft_summary.json"):
+        assert (run / f).is_file(), f
+    assert "best mAP50" in out.stdout + out.stderr

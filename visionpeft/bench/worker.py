@@ -1,0 +1,113 @@
+"""One benchmark run, in its own process (so its peak memory is its own): train, validate, export, measure.
+
+``python -m visionpeft.bench.worker SPEC.json RESULT.json``. The spec holds a training config (as a dict: model,
+data, augmentations, train args, and for PEFT runs the ``peft:`` block) and a ``kind``: ``full`` (plain Ultralytics
+fine-tuning), ``freeze`` (plain Ultralytics with ``freeze=<n or list>``) or ``peft`` (visionpeft's trainer).
+Baselines and PEFT runs share everything but the model's trainable part.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def onnx_latency_ms(path: str | Path, imgsz: int, runs: int = 50) -> float:
+    """Median onnxruntime CPU latency of one image, after warm-up."""
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).random((1, 3, imgsz, imgsz), dtype=np.float32)
+    name = sess.get_inputs()[0].name
+    for _ in range(5):
+        sess.run(None, {name: x})
+    t = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        sess.run(None, {name: x})
+        t.append(time.perf_counter() - t0)
+    return float(np.median(t) * 1000)
+
+
+def build_trainer(spec: dict):
+    """The trainer of a run: ``PeftDetectionTrainer`` for PEFT, Ultralytics' ``DetectionTrainer`` for baselines."""
+    from ultralytics.models.yolo.detect import DetectionTrainer
+
+    from ..train.config import load_config
+    from ..train.data import resolve_dataset
+    from ..train.trainer import PeftDetectionTrainer
+
+    config = load_config(spec["config"])
+    overrides = config.trainer_overrides()
+    kind = spec["kind"]
+    if kind == "peft":
+        return PeftDetectionTrainer(overrides=overrides, peft=config.peft)
+    if kind not in {"full", "freeze"}:
+        raise ValueError(f"Unknown benchmark run kind '{kind}': use full, freeze or peft.")
+    run_dir = Path(config.train["project"]) / config.train["name"]
+    data = resolve_dataset(config.data, run_dir)  # ${assets} resolved, as visionpeft's trainer does
+    return DetectionTrainer(overrides={**overrides, "data": str(data), "freeze": spec.get("freeze")})
+
+
+def run_one(spec: dict) -> dict:
+    from ultralytics import YOLO
+
+    import visionpeft  # noqa: F401  (offline switches before Ultralytics)
+
+    from ..inject import trainable_report
+    from ..train.offline import ensure_fonts
+    from ..train.summary import peak_rss_mib
+
+    ensure_fonts()
+    trainer = build_trainer(spec)
+    epoch_times: list[float] = []
+    start: list[float] = []
+    trainer.add_callback("on_train_epoch_start", lambda t: start.append(time.perf_counter()))
+    trainer.add_callback("on_train_epoch_end", lambda t: epoch_times.append(time.perf_counter() - start[-1]))
+    t0 = time.perf_counter()
+    trainer.train()
+    wall = time.perf_counter() - t0
+    peak_rss = peak_rss_mib()  # before the export below adds its own
+
+    model = trainer.model
+    peft = spec["kind"] == "peft"
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = trainable_report(model).total if peft else sum(p.numel() for p in model.parameters())
+    wdir = Path(trainer.wdir)
+    best_pt = wdir / "best.pt"
+    task_file = wdir / "best.safetensors" if peft else best_pt  # what a team stores per task
+    imgsz = int(trainer.args.imgsz)
+    onnx = YOLO(str(best_pt)).export(format="onnx", imgsz=imgsz, verbose=False)  # fuse() merges adapters first
+    m = trainer.metrics or {}
+    return {
+        "name": spec["name"],
+        "kind": spec["kind"],
+        "mAP50": float(m.get("metrics/mAP50(B)", float("nan"))),
+        "mAP50-95": float(m.get("metrics/mAP50-95(B)", float("nan"))),
+        "trainable": int(trainable),
+        "total": int(total),
+        "trainable_pct": 100.0 * trainable / max(total, 1),
+        "sec_per_epoch": float(np.mean(epoch_times)) if epoch_times else float("nan"),
+        "wall_s": wall,
+        "peak_rss_mb": peak_rss,
+        "task_file_kb": task_file.stat().st_size / 1024,
+        "checkpoint_kb": best_pt.stat().st_size / 1024,
+        "onnx_kb": Path(onnx).stat().st_size / 1024,
+        "onnx_latency_ms": onnx_latency_ms(onnx, imgsz),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    from ..io import atomic_write_bytes
+
+    spec_path, out_path = (argv or sys.argv[1:])[:2]
+    result = run_one(json.loads(Path(spec_path).read_text()))
+    atomic_write_bytes(out_path, json.dumps(result, indent=2).encode())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,248 @@
+"""Training configs: one YAML (base model, dataset, PEFT recipe, augmentations, Ultralytics train args) plus
+``key=value`` overrides, Ultralytics style. Every key is checked, so a typo fails before training, not after.
+
+::
+
+    model: yolo11n.pt          # base weights: a path, or a name in the assets' weights/
+    data: crop_weed.yaml       # dataset YAML: a path, or a name in the repo's datasets/
+    peft: {adapter_name: crops, methods: [{method: lora, r: 8, alpha: 16}], bn: frozen, lr_mult: 1.0}
+    augmentations: [RandomBrightnessContrast: {p: 0.5}]   # albumentations, see visionpeft.train.augment
+    train: {epochs: 30, imgsz: 320, batch: 16}            # any Ultralytics train argument
+
+Overrides: ``epochs=3`` (a plain Ultralytics key goes to ``train:``), ``data=coco8.yaml`` (a section),
+``peft.lr_mult=2`` or ``peft.methods.0.r=16`` (dotted paths into sections, list items by index).
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .. import settings
+from ..models import resolve_weights
+from .augment import build_transforms, to_ultralytics
+from .data import load_dataset
+from .trainer import PeftSpec
+
+CONFIGS_DIR = settings.ROOT / "configs"
+SECTIONS = ("model", "data", "peft", "augmentations", "train")
+DEFAULT_MODEL = "yolo11n.pt"
+# Ultralytics keys that visionpeft sets itself, and where they go instead.
+RESERVED_TRAIN_KEYS = {
+    "model": "use the top-level 'model:' (or model=...)",
+    "data": "use the top-level 'data:' (or data=...)",
+    "augmentations": "use the top-level 'augmentations:' list",
+    "task": "visionpeft trains detection ('detect')",
+    "mode": "visionpeft runs Ultralytics in 'train' mode",
+    "cfg": "pass the visionpeft config with --cfg",
+}
+
+
+class ConfigError(ValueError):
+    """A config or override names an unknown key, or a value Ultralytics/visionpeft cannot use."""
+
+
+def ultralytics_train_keys() -> list[str]:
+    from ultralytics.cfg import DEFAULT_CFG_DICT
+
+    return sorted(k for k in DEFAULT_CFG_DICT if k not in RESERVED_TRAIN_KEYS)
+
+
+def _unknown(kind: str, key: str, valid: Sequence[str]) -> ConfigError:
+    close = difflib.get_close_matches(key, valid, n=3)
+    hint = f" Did you mean {close}?" if close else ""
+    return ConfigError(f"Unknown {kind} '{key}'.{hint} Valid keys: {sorted(valid)}.")
+
+
+@dataclass
+class RunConfig:
+    """A checked training config; ``model`` and ``data`` are absolute paths once files are checked."""
+
+    data: str
+    model: str = DEFAULT_MODEL
+    peft: PeftSpec = field(default_factory=PeftSpec)
+    augmentations: list | None = None
+    train: dict[str, Any] = field(default_factory=dict)
+    source: Path | None = None  # the YAML it came from
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as YAML-able sections (what the run directory's ``visionpeft.yaml`` holds)."""
+        return {"model": self.model, "data": self.data, "peft": asdict(self.peft),
+                "augmentations": self.augmentations, "train": dict(self.train)}
+
+    def trainer_overrides(self) -> dict[str, Any]:
+        """The ``overrides`` for :class:`PeftDetectionTrainer`: the train args plus model, data, augmentations."""
+        out = {**self.train, "model": self.model, "data": self.data}
+        if self.augmentations is not None:
+            out["augmentations"] = to_ultralytics(self.augmentations)
+        return out
+
+
+def find_config(cfg: str | Path) -> Path:
+    """A config given as a path, or as a bare name (``crops`` or ``crops.yaml``) in the repo's ``configs/``."""
+    p = Path(cfg).expanduser()
+    if p.is_file():
+        return p.resolve()
+    candidates = [p]
+    if not p.is_absolute() and p.parent == Path("."):
+        candidates += [CONFIGS_DIR / n for n in ([p.name] if p.suffix in {".yaml", ".yml"} else [f"{p.name}.yaml"])]
+    for c in candidates[1:]:
+        if c.is_file():
+            return c.resolve()
+    looked = ", ".join(str(c.resolve()) for c in candidates)
+    available = sorted(x.name for x in CONFIGS_DIR.glob("*.yaml"))
+    raise FileNotFoundError(f"Config '{cfg}' not found (looked in: {looked}). Pass a path, or one of the configs "
+                            f"in {CONFIGS_DIR}: {available}.")
+
+
+def parse_value(text: str) -> Any:
+    """A command-line value: Ultralytics' rules (None/True/False, Python literals), then YAML (``[a: 1]``)."""
+    from ultralytics.cfg import smart_value
+
+    value = smart_value(text)
+    if isinstance(value, str) and text.strip()[:1] in "[{":
+        try:
+            return yaml.safe_load(text)
+        except yaml.YAMLError:
+            return value
+    return value
+
+
+def parse_overrides(args: Sequence[str]) -> dict[str, Any]:
+    """``["epochs=3", "peft.lr_mult=2"]`` -> ``{"epochs": 3, "peft.lr_mult": 2}``."""
+    out = {}
+    for arg in args:
+        key, eq, value = arg.partition("=")
+        if not eq or not key.strip():
+            raise ConfigError(f"Override '{arg}' is not key=value (e.g. epochs=3, peft.lr_mult=2, data=coco8.yaml).")
+        out[key.strip()] = parse_value(value.strip())
+    return out
+
+
+def _set_path(raw: dict, key: str, value: Any) -> None:
+    section, *path = key.split(".")
+    if section not in SECTIONS:
+        raise _unknown("config section", section, SECTIONS)
+    node: Any = raw
+    parts = [section, *path]
+    for i, part in enumerate(parts[:-1]):
+        nxt = parts[i + 1]
+        if isinstance(node, dict):
+            if node.get(part) is None:
+                node[part] = [] if nxt.isdigit() else {}
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit():
+            if int(part) >= len(node):
+                raise ConfigError(f"Override '{key}': index {part} is out of range ({'.'.join(parts[:i])} has "
+                                  f"{len(node)} item(s)).")
+            node = node[int(part)]
+        else:
+            raise ConfigError(f"Override '{key}': '{part}' does not exist in {'.'.join(parts[:i]) or 'the config'}.")
+    last = parts[-1]
+    if isinstance(node, list):
+        if not (last.isdigit() and int(last) < len(node)):
+            raise ConfigError(f"Override '{key}': index '{last}' is out of range (the list has {len(node)} items).")
+        node[int(last)] = value
+    elif isinstance(node, dict):
+        node[last] = value
+    else:
+        raise ConfigError(f"Override '{key}': {'.'.join(parts[:-1])} is not a section.")
+
+
+def apply_overrides(raw: dict, overrides: Mapping[str, Any]) -> dict:
+    """Apply overrides to a raw config dict (in place): sections, dotted paths, plain Ultralytics train keys."""
+    for key, value in overrides.items():
+        if "." in key:
+            _set_path(raw, key, value)
+        elif key in SECTIONS:
+            if key in {"peft", "train"} and isinstance(value, Mapping) and isinstance(raw.get(key), dict):
+                raw[key] = {**raw[key], **value}
+            else:
+                raw[key] = value
+        else:
+            if raw.get("train") is None:
+                raw["train"] = {}
+            raw["train"][key] = value
+    return raw
+
+
+def check_train_args(train: Mapping[str, Any]) -> dict[str, Any]:
+    """Ultralytics train args: known keys (else the list of valid ones) and values of the right type."""
+    from ultralytics.cfg import check_cfg
+
+    valid = ultralytics_train_keys()
+    for key in train:
+        if key in RESERVED_TRAIN_KEYS:
+            raise ConfigError(f"'train.{key}' is not for the train section: {RESERVED_TRAIN_KEYS[key]}.")
+        if key not in valid:
+            raise _unknown("Ultralytics train key", key, valid)
+    out = dict(train)
+    try:
+        check_cfg(out)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"train: {e}") from e
+    return out
+
+
+def build_config(raw: Mapping[str, Any], source: Path | None = None, check_files: bool = True) -> RunConfig:
+    """Check a raw config dict, section by section, and resolve its files (``check_files``)."""
+    where = f" in {source}" if source else ""
+    for key in raw:
+        if key not in SECTIONS:
+            raise _unknown(f"config section{where}", key, SECTIONS)
+    data = raw.get("data")
+    if not data:
+        raise ConfigError(f"No dataset{where}: set 'data:' to a data YAML (e.g. data=crop_weed.yaml).")
+    model = raw.get("model") or DEFAULT_MODEL
+    peft = raw.get("peft") or {}
+    if not isinstance(peft, Mapping):
+        raise ConfigError(f"'peft:' must be a mapping with keys {PeftSpec.field_names()}, not {peft!r}.")
+    try:
+        spec = PeftSpec.from_dict(dict(peft))
+    except (TypeError, ValueError) as e:
+        raise ConfigError(str(e)) from e
+    augmentations = raw.get("augmentations")
+    try:
+        build_transforms(augmentations)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    train = raw.get("train") or {}
+    if not isinstance(train, Mapping):
+        raise ConfigError(f"'train:' must be a mapping of Ultralytics train arguments, not {train!r}.")
+    train = check_train_args(train)
+    if check_files:
+        if str(model).endswith(".pt"):
+            model = str(resolve_weights(model))
+        data = str(load_dataset(data)[1])
+    return RunConfig(data=str(data), model=str(model), peft=spec, augmentations=augmentations, train=train,
+                     source=source)
+
+
+def load_config(cfg: str | Path | Mapping | None = None, overrides: Mapping[str, Any] | Sequence[str] | None = None,
+                check_files: bool = True) -> RunConfig:
+    """The checked config of ``cfg`` (a YAML path or name in ``configs/``, a dict, or ``None``) with ``overrides``
+    (a dict, or ``key=value`` strings)."""
+    source = None
+    if cfg is None:
+        raw: dict = {}
+    elif isinstance(cfg, Mapping):
+        raw = copy.deepcopy(dict(cfg))
+    else:
+        source = find_config(cfg)
+        try:
+            raw = yaml.safe_load(source.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{source} is not valid YAML: {e}") from e
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{source} must be a mapping with sections {list(SECTIONS)}.")
+    if overrides is not None and not isinstance(overrides, Mapping):
+        overrides = parse_overrides(list(overrides))
+    apply_overrides(raw, overrides or {})
+    return build_config(raw, source, check_files)
+

@@ -1,0 +1,109 @@
+"""Keep Ultralytics training off the network: fonts for plots, and the AMP check on GPUs.
+
+``YOLO_OFFLINE`` (set by ``visionpeft.settings``) only turns off Ultralytics' online checks. Two places download
+anyway: ``check_font`` (every ``check_det_dataset`` call, and plot labels) asks GitHub for ``Arial.ttf`` unless a
+file of that name sits in Ultralytics' ``USER_CONFIG_DIR``, and ``check_amp`` (CUDA with ``amp=True``) downloads
+``yolo26n.pt`` to compare fp32 and fp16 outputs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..io import atomic_write_bytes
+
+FONT_NAMES = ("Arial.ttf", "Arial.Unicode.ttf")  # the names Ultralytics looks up
+# GPUs on which Ultralytics disables AMP (NaN losses), as in ultralytics.utils.checks.check_amp.
+AMP_BROKEN_GPUS = re.compile(r"(nvidia|geforce|quadro|tesla).*?(1660|1650|1630|t400|t550|t600|t1000|t1200|t2000|k40m)",
+                             re.IGNORECASE)
+
+
+def local_font() -> Path:
+    """DejaVu Sans, which matplotlib (an Ultralytics dependency) ships with every install."""
+    import matplotlib
+
+    return Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"
+
+
+def ensure_fonts(config_dir: str | Path | None = None) -> list[Path]:
+    """Put a local font where Ultralytics looks for ``Arial.ttf``/``Arial.Unicode.ttf``, unless one is there.
+
+    ``config_dir`` defaults to Ultralytics' ``USER_CONFIG_DIR`` (which ``YOLO_CONFIG_DIR`` moves). DejaVu Sans
+    covers Latin, Greek and Cyrillic labels; CJK class names draw as boxes instead of triggering a download.
+    """
+    if config_dir is None:
+        from ultralytics.utils import USER_CONFIG_DIR as config_dir
+    written = []
+    for name in FONT_NAMES:
+        dst = Path(config_dir) / name
+        if not dst.exists():
+            try:
+                written.append(atomic_write_bytes(dst, local_font().read_bytes()))
+            except OSError as e:  # a read-only config dir: plots fall back to PIL's default font
+                from ultralytics.utils import LOGGER
+
+                LOGGER.warning(f"visionpeft: could not place a local font at '{dst}' ({e}); Ultralytics may try to "
+                               "download Arial.ttf.")
+    return written
+
+
+def amp_works(model: nn.Module) -> bool:
+    """Ultralytics' AMP check (fp32 and autocast outputs agree to 0.5 + 1%), on the model being trained.
+
+    Ultralytics runs it on a downloaded ``yolo26n.pt``; the adapted base needs no download and is the model that
+    matters.
+    """
+    from ultralytics.utils import ASSETS, LOGGER
+    from ultralytics.utils.torch_utils import unwrap_model
+
+    device = next(model.parameters()).device
+    if device.type != "cuda":
+        return False  # Ultralytics uses AMP on accelerators only
+    name = torch.cuda.get_device_name(device)
+    if AMP_BROKEN_GPUS.search(name):
+        LOGGER.warning(f"AMP: disabled on {name} (NaN losses or zero mAP reported with AMP on this GPU).")
+        return False
+    m = copy.deepcopy(unwrap_model(model)).eval()
+    try:
+        import cv2
+
+        im = cv2.resize(cv2.imread(str(ASSETS / "bus.jpg")), (256, 256))[..., ::-1].copy()
+        x = torch.from_numpy(im).permute(2, 0, 1)[None].float().div(255).to(device)
+    except Exception:  # no sample image: a fixed random one tests the arithmetic as well
+        x = torch.rand(1, 3, 256, 256, generator=torch.Generator().manual_seed(0)).to(device)
+    with torch.no_grad():
+        a = m(x)
+        with torch.autocast("cuda"):
+            b = m(x)
+    a, b = (t[0] if isinstance(t, (list, tuple)) else t for t in (a, b))
+    ok = bool(a.shape == b.shape and torch.isfinite(b).all() and torch.allclose(a, b.float(), atol=0.5, rtol=1e-2))
+    if ok:
+        LOGGER.info("AMP: checks passed on the model being trained (offline; Ultralytics' check downloads yolo26n.pt)")
+    else:
+        LOGGER.warning("AMP: fp16 outputs of the model differ from fp32 ones; training in fp32 (amp disabled).")
+    return ok
+
+
+@contextlib.contextmanager
+def offline_amp_check() -> Iterator[None]:
+    """Inside, Ultralytics' trainer runs :func:`amp_works` instead of its downloading ``check_amp``, unless
+    Ultralytics' own test weights are already local."""
+    import ultralytics.engine.trainer as engine
+    from ultralytics.utils import WEIGHTS_DIR
+
+    original = engine.check_amp
+    if (Path(WEIGHTS_DIR) / "yolo26n.pt").is_file():
+        yield
+        return
+    engine.check_amp = amp_works
+    try:
+        yield
+    finally:
+        engine.check_amp = original
