@@ -33,7 +33,7 @@ from visionpeft.train import PeftDetectionTrainer
 from visionpeft.vitdet import VitDetModel, hub_offline
 
 SPEC = "vitdet:vit_tiny_patch16_224"
-OPTS = {"pretrained": False, "img_size": 64, "channels": 32}
+OPTS = {"pretrained": False, "img_size": 64, "width": 32}
 NC = 3
 SMALL = {"depth": 2}  # timm_kwargs keeping the variant tests fast
 
@@ -72,7 +72,7 @@ class Messages(logging.Handler):
     ("vit_base_patch16_reg4_gap_256", {**SMALL, "embed_dim": 96}),  # registers, no class token
 ])
 def test_timm_vit_variants_build_and_detect_at_any_size(name, kwargs):
-    model = vp.load_base(f"vitdet:{name}", nc=NC, pretrained=False, channels=32, timm_kwargs=kwargs)
+    model = vp.load_base(f"vitdet:{name}", nc=NC, pretrained=False, width=32, timm_kwargs=kwargs)
     assert isinstance(model, VitDetModel) and family_of(model).name == "vitdet"
     assert model.model[0].stride == 16 and model.stride.tolist() == [8, 16, 32]
     x = torch.rand(2, 3, 64, 96)  # neither 224 nor square: position embeddings are interpolated
@@ -89,6 +89,10 @@ def test_same_spec_rebuilds_the_same_base_and_leaves_the_global_rng_alone(vitdet
     assert torch.equal(torch.random.get_rng_state(), rng)
     assert vp.fingerprint(again) == vp.fingerprint(vitdet)
     assert vp.fingerprint(build_detector(again.yaml, nc=NC)) == vp.fingerprint(vitdet), "model.yaml rebuilds it"
+    source = vitdet.spec.source()  # the one-string form recorded as the base of adapter files
+    assert source == 'vitdet:{"backbone": "vit_tiny_patch16_224", "pretrained": false, "img_size": 64, "width": 32, ' \
+                     '"nc": 3}'
+    assert vp.fingerprint(vp.load_base(source)) == vp.fingerprint(vitdet)
     other = vp.load_base(SPEC, nc=NC, **{**OPTS, "seed": 1})
     assert vp.fingerprint(other)["weights"] != vp.fingerprint(vitdet)["weights"]
 
@@ -213,11 +217,11 @@ def test_trained_checkpoints_predict_and_adapter_file_fits_a_fresh_build(coco8_r
     results = YOLO(str(trainer.best)).predict(np.zeros((64, 64, 3), np.uint8), imgsz=64, verbose=False)
     assert len(results) == 1 and results[0].boxes is not None
     _, meta = read_adapter(trainer.best.with_suffix(".safetensors"))
-    fresh = vp.load_base(str(model_yaml), nc=80)
+    assert meta["family"] == "vitdet" and meta["base"].startswith("vitdet:")
+    fresh = vp.load_base(meta["base"])  # what the export path does: the recorded spec rebuilds the base
     vp.load_adapter(fresh, trainer.best.with_suffix(".safetensors"))
     x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
     assert max_rel_diff(run(fresh, x), run(trainer.ema.ema.float(), x)) == 0
-    assert meta["family"] == "vitdet"
 
 
 @pytest.mark.parametrize("methods", [[vp.LoraConfig(r=4)], [vp.LoraConfig(r=4), vp.BottleneckConfig(r=8)]])

@@ -29,7 +29,7 @@ def load_base(source: str | Path | nn.Module, nc: int | None = None, **timm_kwar
     ``source``: an Ultralytics ``.pt`` checkpoint (path or a name in the assets' weights), a model YAML
     (``yolo11n.yaml``, random weights, ``nc`` classes), ``timm:<model name>`` (``timm_kwargs`` go to
     ``timm.create_model``), a ViT detector ``vitdet:<timm name>`` or YAML with ``vitdet:`` (``timm_kwargs`` are
-    its options: ``pretrained``, ``img_size``, ``channels``, ...), or a module, returned as is.
+    its options: ``pretrained``, ``img_size``, ``width``, ...), or a module, returned as is.
     """
     if isinstance(source, nn.Module):
         return source
@@ -53,7 +53,7 @@ def load_base(source: str | Path | nn.Module, nc: int | None = None, **timm_kwar
     return model
 
 
-def build_detector(cfg: str | Path | dict, nc: int | None = None, ch: int = 3, **options) -> nn.Module:
+def build_detector(cfg: str | Path | dict, nc: int | None = None, ch: int | None = None, **options) -> nn.Module:
     """A new detector from an architecture: an Ultralytics model YAML (or its dict), or a ViT detector spec
     (``vitdet:<timm name>``, or a YAML/dict with ``vitdet:``; ``options`` are its options)."""
     from .vitdet.model import is_vitdet
@@ -66,4 +66,4 @@ def build_detector(cfg: str | Path | dict, nc: int | None = None, ch: int = 3, *
         raise ValueError(f"Model options {sorted(options)} only apply to ViT detectors ('vitdet:<timm name>').")
     from ultralytics.nn.tasks import DetectionModel
 
-    return DetectionModel(cfg, nc=nc, ch=ch, verbose=False)
+    return DetectionModel(cfg, nc=nc, ch=ch or 3, verbose=False)

@@ -54,6 +54,12 @@ class VitDetFamily(YoloFamily):
             raise ValueError(f"Class outputs {sorted(fresh)} are not layers of the detector's head.")
         return out
 
+    def on_inject(self, model: nn.Module) -> None:
+        """As YOLO, and the base is recorded as its spec (``vitdet:...``), which rebuilds it exactly: adapter files
+        then name a base that ``load_base`` (and so export) can recreate. A trainer may record a file instead."""
+        super().on_inject(model)
+        model.visionpeft.setdefault("base", model.spec.source())
+
     def example_input(self, model: nn.Module) -> torch.Tensor:
         p = next(model.parameters())
         size = 2 * int(max(model.stride))  # two cells at the coarsest level; a multiple of every stride

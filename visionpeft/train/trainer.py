@@ -192,7 +192,7 @@ class PeftDetectionTrainer(DetectionTrainer):
         source = model.visionpeft.get("base")
         if not source:
             return
-        if not Path(source).is_file():
+        if not Path(source).is_file() and not str(source).startswith("vitdet:"):  # a ViT detector spec rebuilds it
             LOGGER.warning(f"visionpeft: base weights '{source}' not found; continuing from the checkpoint's copy.")
             return
         base = load_base(source)

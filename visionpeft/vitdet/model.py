@@ -8,12 +8,14 @@ pooling down to 32, each followed by a 1x1 and a 3x3 conv to the head's width.
 
 The model is described by a :class:`VitDetSpec`, stored as ``model.yaml["vitdet"]``; its random parts (pyramid, head,
 a ViT without weights) are drawn from a fixed seed, so the same spec always rebuilds the same base model, and an
-adapter file trained on it loads onto a fresh build (the fingerprint matches).
+adapter file trained on it loads onto a fresh build (the fingerprint matches). ONNX exports have a fixed input
+size (any size; the position embeddings are resampled for it), not dynamic axes.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,16 +36,18 @@ LEVEL_STRIDES = (8, 16, 32)  # P3, P4, P5: the strides the Ultralytics head and 
 
 @dataclass
 class VitDetSpec:
-    """What a ViT detector is built from.
+    """What a ViT detector is built from; the same spec always builds the same base model.
 
     backbone: timm model name (``vit_small_patch16_224``, ``deit_tiny_patch16_224``, ``vit_small_patch14_reg4_dinov2``).
     pretrained: weights file path (or a name in the assets' ``weights/``), ``True`` for timm's pretrained weights
-        (Hugging Face cache, or the hub when ``HF_HUB_OFFLINE=0``), ``False`` for random weights.
+        (assets' ``weights/<name>.safetensors``, the Hugging Face cache, or the hub when ``HF_HUB_OFFLINE=0``),
+        ``False`` for random weights.
     img_size: the grid the position embeddings are resampled to once at build (``None``: the pretrained size);
         any input size works, its embeddings are interpolated from this grid at run time.
     patch_size: override the patch size (``None``: the model's own; non-power-of-two patches become 16).
-    channels: width of the pyramid levels and the head input.
-    seed: seeds the random parts, so the same spec always gives the same base model.
+    width: channels of the pyramid levels and the head input.
+    nc, in_chans: class count of the head and input channels (the trainer sets them from the dataset).
+    seed: seeds the random parts (pyramid, head, a ViT without weights).
     timm_kwargs: more ``timm.create_model`` arguments (``drop_path_rate``; ``depth``/``embed_dim`` for tiny tests).
     """
 
@@ -51,22 +55,31 @@ class VitDetSpec:
     pretrained: bool | str = True
     img_size: int | None = None
     patch_size: int | None = None
-    channels: int = 128
+    width: int = 128
+    nc: int = 80
+    in_chans: int = 3
     seed: int = 0
     timm_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> VitDetSpec:
-        valid = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - valid)
+        valid = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(d) - set(valid))
         if unknown:
-            raise ValueError(f"Unknown ViT detector option(s) {unknown}. Valid options: {sorted(valid)}.")
+            raise ValueError(f"Unknown ViT detector option(s) {unknown}. Valid options: {valid}.")
         if not d.get("backbone"):
             raise ValueError("A ViT detector needs a timm backbone: 'vitdet:<timm name>' or vitdet: {backbone: ...}.")
         return cls(**d)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def source(self) -> str:
+        """The spec as one string ``load_base`` rebuilds it from: ``vitdet:<name>``, or ``vitdet:{json}`` with the
+        options that differ from the defaults (recorded as the ``base`` of adapter files)."""
+        defaults = VitDetSpec(self.backbone).to_dict()
+        changed = {k: v for k, v in self.to_dict().items() if v != defaults[k]}
+        return PREFIX + (json.dumps({"backbone": self.backbone, **changed}) if changed else self.backbone)
 
 
 def _yaml_dict(cfg: Any) -> dict | None:
@@ -85,18 +98,32 @@ def is_vitdet(cfg: Any) -> bool:
     return d is not None and "vitdet" in d
 
 
-def parse_spec(cfg: str | Path | dict | VitDetSpec, **options: Any) -> tuple[VitDetSpec, dict]:
-    """The spec and the model dict a config gives; ``options`` override the config's spec fields."""
+def parse_spec(cfg: str | Path | dict | VitDetSpec, **options: Any) -> VitDetSpec:
+    """The spec a config gives; ``options`` override its fields.
+
+    ``cfg``: ``"vitdet:<timm name>"``, ``'vitdet:{"backbone": ..., "width": 64}'``, a spec, or a dict / YAML file
+    with a ``vitdet:`` mapping (a built model's ``model.yaml`` is one; a top-level ``nc:`` is the class count).
+    """
     if isinstance(cfg, VitDetSpec):
-        return dataclasses.replace(cfg, **options), {}
+        return dataclasses.replace(cfg, **options)
     if isinstance(cfg, str) and cfg.startswith(PREFIX):
-        return VitDetSpec.from_dict({"backbone": cfg[len(PREFIX):], **options}), {}
+        text = cfg[len(PREFIX):].strip()
+        if text.startswith("{"):
+            try:
+                spec = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"'{cfg}' is not a valid ViT detector spec (JSON after 'vitdet:'): {e}") from e
+        else:
+            spec = {"backbone": text}
+        return VitDetSpec.from_dict({**spec, **options})
     d = _yaml_dict(cfg)
     if d is None or "vitdet" not in d:
         raise ValueError(f"'{cfg}' is not a ViT detector config: use 'vitdet:<timm name>' or a YAML with 'vitdet:'.")
     v = d["vitdet"]
     spec = {"backbone": v} if isinstance(v, str) else dict(v)
-    return VitDetSpec.from_dict({**spec, **options}), d
+    if "nc" in d and "nc" not in spec:
+        spec["nc"] = d["nc"]
+    return VitDetSpec.from_dict({**spec, **options})
 
 
 class PyramidLevel(nn.Module):
@@ -156,31 +183,31 @@ class VitDetModel(DetectionModel):
 
     task = "detect"  # Ultralytics sets this on models it loads from checkpoints; the exporter reads it
 
-    def __init__(self, cfg: str | Path | dict | VitDetSpec, ch: int = 3, nc: int | None = None,
+    def __init__(self, cfg: str | Path | dict | VitDetSpec, ch: int | None = None, nc: int | None = None,
                  verbose: bool = False, **options: Any) -> None:
         nn.Module.__init__(self)  # not DetectionModel.__init__: there is no Ultralytics YAML to parse
-        spec, d = parse_spec(cfg, **options)
-        nc = int(nc or d.get("nc") or 80)
-        ch = int(ch or d.get("channels") or 3)
+        spec = parse_spec(cfg, **options)
+        spec = dataclasses.replace(spec, nc=int(nc or spec.nc), in_chans=int(ch or spec.in_chans))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(spec.seed)
             stride, patch_size = backbone_stride(spec.backbone, spec.patch_size, spec.timm_kwargs)
             vit, source = create_vit(spec.backbone, pretrained=spec.pretrained, img_size=spec.img_size,
-                                     patch_size=patch_size, in_chans=ch, timm_kwargs=spec.timm_kwargs)
-            backbone = TimmViTBackbone(vit, stride, ch)
-            levels = [PyramidLevel(backbone.out_channels, spec.channels, stride / s) for s in LEVEL_STRIDES]
-            head = new_detect_head(nc, [spec.channels] * len(levels))
+                                     patch_size=patch_size, in_chans=spec.in_chans, timm_kwargs=spec.timm_kwargs)
+            backbone = TimmViTBackbone(vit, stride, spec.in_chans)
+            levels = [PyramidLevel(backbone.out_channels, spec.width, stride / s) for s in LEVEL_STRIDES]
+            head = new_detect_head(spec.nc, [spec.width] * len(levels))
         n = len(levels)
         self.model = nn.Sequential(
             _layer(backbone, 0, -1), *(_layer(m, 1 + k, 0) for k, m in enumerate(levels)),
             _layer(head, n + 1, list(range(1, n + 1))),
         )
         self.save = list(range(n + 1))
+        nc = spec.nc
         self.yaml = {
-            "vitdet": spec.to_dict(), "nc": nc, "channels": ch,
+            "vitdet": spec.to_dict(), "nc": nc, "channels": spec.in_chans,
             "yaml_file": f"vitdet-{spec.backbone.replace('/', '_').replace(':', '_')}.yaml",
             "backbone": [[-1, 1, "TimmViTBackbone", [spec.backbone, stride]]],
-            "head": [*([0, 1, "PyramidLevel", [spec.channels, stride / s]] for s in LEVEL_STRIDES),
+            "head": [*([0, 1, "PyramidLevel", [spec.width, stride / s]] for s in LEVEL_STRIDES),
                      [list(range(1, n + 1)), 1, "Detect", ["nc"]]],
         }
         self.names = {i: f"{i}" for i in range(nc)}
@@ -191,11 +218,12 @@ class VitDetModel(DetectionModel):
         head.bias_init()
         initialize_weights(self.model[1:])  # Ultralytics' BatchNorm settings, for the new layers only (not the ViT's)
         LOGGER.info(f"visionpeft: ViT detector on {spec.backbone} (weights: {source}), stride {stride} -> P3/P4/P5, "
-                    f"{spec.channels} channels, {nc} classes")
+                    f"{spec.width} channels, {nc} classes")
         if verbose:
             self.info()
 
     def predict(self, x: torch.Tensor, *args: Any, **kwargs: Any):
+        """Ultralytics' forward; refuses a dynamic-size ONNX export, whose graph would be wrong at other sizes."""
         if torch.onnx.is_in_onnx_export() and getattr(self.model[-1], "dynamic", False):
             raise ValueError("ViT detectors export to ONNX at a fixed input size: their position embeddings are "
                              "resampled to the export size. Export with dynamic=False (one file per input size).")
@@ -214,7 +242,7 @@ class VitDetModel(DetectionModel):
         return super().fuse(verbose=verbose, imgsz=imgsz)
 
 
-def build_vitdet(cfg: str | Path | dict | VitDetSpec, nc: int | None = None, ch: int = 3,
+def build_vitdet(cfg: str | Path | dict | VitDetSpec, nc: int | None = None, ch: int | None = None,
                  **options: Any) -> VitDetModel:
     """Build a ViT detector from ``"vitdet:<timm name>"``, a ``vitdet:`` dict/YAML or a spec (see VitDetModel)."""
     return VitDetModel(cfg, ch=ch, nc=nc, **options)
