@@ -152,8 +152,12 @@ def test_file_whose_tensors_do_not_fit_is_refused(base, tmp_path):
     del tensors[dropped]
     partial = tmp_path / "partial.safetensors"
     save_file(tensors, partial, metadata={"visionpeft": json.dumps(meta)})
+    before = copy.deepcopy(plain)
     with pytest.raises(vp.AdapterFileError, match=f"does not fit this model: missing \\['{dropped}'\\]"):
         vp.load_adapter(plain, partial)
+    # the failed load leaves the model as it was: no half-loaded adapter, the same class and state dict
+    assert not hasattr(plain, "visionpeft") and type(plain) is type(before)
+    assert plain.state_dict().keys() == before.state_dict().keys()
 
 
 def test_save_is_atomic_and_creates_folders(base, tmp_path):

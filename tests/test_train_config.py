@@ -27,7 +27,7 @@ def test_config_found_by_bare_name_or_path():
     assert by_name.to_dict() == by_stem.to_dict() == by_path.to_dict()
     assert by_name.model == str(settings.weights_dir() / "yolo11n.pt")
     assert by_name.data == str(DATASETS_DIR / "crop_weed.yaml")
-    assert by_name.train["imgsz"] == 320 and by_name.peft.methods[0]["method"] == "lora"
+    assert by_name.train["imgsz"] == 320 and by_name.peft.methods[0]["method"] == "dora"
 
 
 def test_missing_config_says_where_it_looked():

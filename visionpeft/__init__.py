@@ -19,6 +19,7 @@ __version__ = "0.1.0"
 from . import settings  # noqa: F401  (sets the offline switches before Ultralytics is imported)
 from .inject import (
     base_state_dict,
+    delete_adapter,
     fingerprint,
     freeze,
     inject,
@@ -40,6 +41,7 @@ __all__ = [
     "__version__",
     "base_state_dict",
     "config_from_dict",
+    "delete_adapter",
     "fingerprint",
     "freeze",
     "inject",

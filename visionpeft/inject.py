@@ -187,6 +187,27 @@ def set_adapter(model: nn.Module, adapter_name: str | None) -> nn.Module:
     return model
 
 
+def delete_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
+    """Remove adapter ``adapter_name``; wrappers left without adapters become their plain base module again."""
+    state = peft_state(model)
+    if adapter_name not in state["adapters"]:
+        raise KeyError(f"No adapter named '{adapter_name}'. Loaded adapters: {sorted(state['adapters'])}.")
+    for name, wrapper in reversed(list(adapted_modules(model))):
+        if adapter_name in wrapper.adapters:
+            del wrapper.adapters[adapter_name]
+        if not len(wrapper.adapters):
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, attr, wrapper.base_layer)
+    del state["adapters"][adapter_name]
+    if not state["adapters"]:
+        set_adapter(model, None)
+        family_of(model).on_unload(model)
+        delattr(model, STATE_ATTR)
+    else:
+        set_adapter(model, state["active"] if state["active"] in state["adapters"] else None)
+    return model
+
+
 def trainable_parameter_names(model: nn.Module) -> set[str]:
     """Names of the parameters the active adapter trains."""
     active = peft_state(model)["active"]

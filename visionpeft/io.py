@@ -17,7 +17,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as save_bytes
 from torch import nn
 
-from .inject import adapted_modules, fingerprint, inject, peft_state, set_adapter
+from .inject import adapted_modules, delete_adapter, fingerprint, inject, peft_state, set_adapter
 
 FORMAT = "visionpeft.adapter.v1"
 
@@ -113,6 +113,26 @@ def check_fingerprint(model: nn.Module, meta: dict, path: str | Path) -> None:
         )
 
 
+def load_adapter_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], adapter_name: str,
+                         source: str = "This adapter") -> None:
+    """Copy tensors keyed ``<module>/<tensor>`` (as in adapter files) into ``model``'s adapter ``adapter_name``,
+    in place, so optimizers keep their references."""
+    wrappers = {n: w for n, w in adapted_modules(model) if adapter_name in w.adapters}
+    expected = {f"{m}/{k}" for m, w in wrappers.items() for k in w.adapters[adapter_name].state_dict()}
+    if set(tensors) != expected:
+        missing, unexpected = sorted(expected - set(tensors))[:5], sorted(set(tensors) - expected)[:5]
+        raise AdapterFileError(f"{source} does not fit this model: missing {missing}, unexpected {unexpected}.")
+    per_module: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        module_name, _, tensor_name = key.partition("/")
+        per_module.setdefault(module_name, {})[tensor_name] = value
+    for module_name, sd in per_module.items():
+        try:
+            wrappers[module_name].adapters[adapter_name].load_state_dict(sd, strict=True)
+        except RuntimeError as e:
+            raise AdapterFileError(f"{source} does not fit this model at '{module_name}': {e}") from e
+
+
 def load_adapter(model: nn.Module, path: str | Path, adapter_name: str | None = None,
                  activate: bool = True) -> nn.Module:
     """Load an adapter file onto ``model`` (the same base it was trained on), under ``adapter_name``."""
@@ -121,19 +141,10 @@ def load_adapter(model: nn.Module, path: str | Path, adapter_name: str | None = 
     name = adapter_name or meta["adapter_name"]
     previous = getattr(model, "visionpeft", {}).get("active")
     inject(model, meta["configs"], adapter_name=name, names=meta.get("names"))
-    wrappers = dict(adapted_modules(model))
-    expected = {f"{m}/{k}" for m, w in wrappers.items() if name in w.adapters for k in w.adapters[name].state_dict()}
-    if set(tensors) != expected:
-        missing, unexpected = sorted(expected - set(tensors))[:5], sorted(set(tensors) - expected)[:5]
-        raise AdapterFileError(f"'{path}' does not fit this model: missing {missing}, unexpected {unexpected}.")
-    per_module: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in tensors.items():
-        module_name, _, tensor_name = key.partition("/")
-        per_module.setdefault(module_name, {})[tensor_name] = value
-    for module_name, sd in per_module.items():
-        try:
-            wrappers[module_name].adapters[name].load_state_dict(sd, strict=True)
-        except RuntimeError as e:
-            raise AdapterFileError(f"'{path}' does not fit this model at '{module_name}': {e}") from e
+    try:
+        load_adapter_tensors(model, tensors, name, source=f"'{path}'")
+    except AdapterFileError:
+        delete_adapter(model, name)  # leave the model as it was
+        raise
     set_adapter(model, name if activate else previous)
     return model

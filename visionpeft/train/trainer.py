@@ -33,7 +33,6 @@ from ultralytics.utils.torch_utils import unwrap_model
 
 from ..inject import (
     STATE_ATTR,
-    adapted_modules,
     fingerprint,
     freeze,
     frozen_norm_modules,
@@ -41,7 +40,7 @@ from ..inject import (
     set_adapter,
     trainable_report,
 )
-from ..io import AdapterFileError, adapter_state_dict, read_adapter, save_adapter
+from ..io import AdapterFileError, adapter_state_dict, load_adapter_tensors, read_adapter, save_adapter
 from ..methods import LoraConfig, config_from_dict
 from ..models import build_detector, load_base
 from .data import resolve_dataset
@@ -107,20 +106,6 @@ def copy_base_tensors(dst: nn.Module, src: nn.Module) -> None:
     for k, v in dst.state_dict().items():
         if ".adapters." not in k:
             v.copy_(src_sd[k.replace(".base_layer.", ".")] if k not in src_sd else src_sd[k])
-
-
-def load_adapter_tensors(model: nn.Module, tensors: dict, adapter_name: str) -> None:
-    """Copy adapter tensors (keyed ``<module>/<tensor>`` as in adapter files) into ``model``'s adapter, in place
-    (the optimizer keeps its references)."""
-    per_module: dict[str, dict] = {}
-    for key, value in tensors.items():
-        module_name, _, tensor_name = key.partition("/")
-        per_module.setdefault(module_name, {})[tensor_name] = value
-    wrappers = {n: w for n, w in adapted_modules(model) if adapter_name in w.adapters}
-    if set(per_module) != set(wrappers):
-        raise AdapterFileError(f"Adapter tensors do not fit adapter '{adapter_name}' of this model.")
-    for module_name, wrapper in wrappers.items():
-        wrapper.adapters[adapter_name].load_state_dict(per_module[module_name], strict=True)
 
 
 class PeftDetectionTrainer(DetectionTrainer):
