@@ -31,7 +31,7 @@ def load_bench_config(path: str | Path, overrides: dict | None = None) -> dict:
     train}``. ``project``/``name``: the output folder. ``only``: comma-separated run names to do.
     Overrides: benchmark keys, else Ultralytics train keys (``epochs=30 fraction=0.1``).
     """
-    from ..train.config import find_config
+    from ..train.config import check_train_args, find_config
 
     cfg = yaml.safe_load(find_config(path).read_text()) or {}
     for k, v in (overrides or {}).items():
@@ -42,6 +42,7 @@ def load_bench_config(path: str | Path, overrides: dict | None = None) -> dict:
     unknown = sorted(set(cfg) - BENCH_KEYS)
     if unknown:
         raise ValueError(f"Unknown benchmark config key(s) {unknown}. Valid keys: {sorted(BENCH_KEYS)}.")
+    cfg["train"] = check_train_args(cfg.get("train") or {})  # unknown Ultralytics keys list the valid ones
     if not cfg.get("runs"):
         raise ValueError("The benchmark config has no 'runs:' section (name -> {kind: full|freeze|peft, ...}).")
     if cfg.get("only"):
