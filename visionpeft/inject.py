@@ -66,6 +66,12 @@ def fingerprint(model: nn.Module) -> dict[str, str]:
     return {"architecture": arch.hexdigest()[:16], "weights": weights.hexdigest()[:16]}
 
 
+def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put ``module`` at the dotted ``name`` of ``model``."""
+    parent, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, attr, module)
+
+
 def _matches(name: str, patterns: Sequence[str]) -> bool:
     return any(name == p or name.endswith(f".{p}") or re.fullmatch(p, name) for p in patterns)
 
@@ -133,9 +139,10 @@ def inject(
         raise ValueError(f"The model already has an adapter named '{adapter_name}'. Pick another name.")
     names = family.normalize_names(names) if names is not None else None
 
-    plan: dict[str, tuple[nn.Module, AdaptedModule | None, object]] = {}  # name -> (base, wrapper, adapter factory)
+    # name -> (base module, its wrapper if any, the method config or a re-initialised module to train in full)
+    plan: dict[str, tuple[nn.Module, AdaptedModule | None, AdapterConfig | nn.Module]] = {}
     for name, module, wrapper, new_module in family.class_output_replacements(model, names):
-        plan[name] = (module, wrapper, lambda base, m=new_module: TrainableCopy(m))
+        plan[name] = (module, wrapper, new_module)  # a re-initialised replacement, trained in full
     for config in configs:
         for name, module, wrapper in base_named_modules(model):
             if name not in plan and is_target(name, module, config):
@@ -147,8 +154,8 @@ def inject(
     shapes = _probe_shapes(model, family, shaped) if shaped else {}
     targets = {}
     for name, (module, wrapper, config) in plan.items():
-        if callable(config) and not isinstance(config, AdapterConfig):
-            adapter, method = config(module), "trainable"
+        if isinstance(config, nn.Module):
+            adapter, method = TrainableCopy(config), "trainable"
         else:
             r = rank_for(name, config)
             adapter = config.build(module, r, shapes[name]) if name in shaped else config.build(module, r)
@@ -158,8 +165,7 @@ def inject(
             adapter.to(p.device)
         if wrapper is None:
             wrapper = AdaptedModule(module)
-            parent, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, attr, wrapper)
+            replace_module(model, name, wrapper)
         wrapper.add_adapter(adapter_name, adapter)
         targets[name] = method
 
@@ -196,8 +202,7 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
         if adapter_name in wrapper.adapters:
             del wrapper.adapters[adapter_name]
         if not len(wrapper.adapters):
-            parent, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, attr, wrapper.base_layer)
+            replace_module(model, name, wrapper.base_layer)
     del state["adapters"][adapter_name]
     if not state["adapters"]:
         set_adapter(model, None)
@@ -245,8 +250,7 @@ def merge_(model: nn.Module) -> nn.Module:
             for other in [k for k in wrapper.adapters if k != active]:
                 del wrapper.adapters[other]
             continue
-        parent, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, attr, replacement)
+        replace_module(model, name, replacement)
     for p in model.parameters():
         p.requires_grad_(False)
     if not any(True for _ in adapted_modules(model)):

@@ -16,23 +16,6 @@ from pathlib import Path
 import numpy as np
 
 
-def onnx_latency_ms(path: str | Path, imgsz: int, runs: int = 50) -> float:
-    """Median onnxruntime CPU latency of one image, after warm-up."""
-    import onnxruntime as ort
-
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    x = np.random.default_rng(0).random((1, 3, imgsz, imgsz), dtype=np.float32)
-    name = sess.get_inputs()[0].name
-    for _ in range(5):
-        sess.run(None, {name: x})
-    t = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        sess.run(None, {name: x})
-        t.append(time.perf_counter() - t0)
-    return float(np.median(t) * 1000)
-
-
 def build_trainer(spec: dict):
     """The trainer of a run: ``PeftDetectionTrainer`` for PEFT, Ultralytics' ``DetectionTrainer`` for baselines."""
     from ultralytics.models.yolo.detect import DetectionTrainer
@@ -58,6 +41,7 @@ def run_one(spec: dict) -> dict:
 
     import visionpeft  # noqa: F401  (offline switches before Ultralytics)
 
+    from ..export.verify import latency_ms
     from ..inject import trainable_report
     from ..train.offline import ensure_fonts
     from ..train.summary import peak_rss_mib
@@ -97,7 +81,7 @@ def run_one(spec: dict) -> dict:
         "task_file_kb": task_file.stat().st_size / 1024,
         "checkpoint_kb": best_pt.stat().st_size / 1024,
         "onnx_kb": Path(onnx).stat().st_size / 1024,
-        "onnx_latency_ms": onnx_latency_ms(onnx, imgsz),
+        "onnx_latency_ms": latency_ms([onnx], (imgsz, imgsz))[0],  # onnxruntime CPU, 1 thread, median
     }
 
 
