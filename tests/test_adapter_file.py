@@ -92,6 +92,18 @@ def test_adapter_file_is_small_next_to_the_full_checkpoint(base, tmp_path):
     assert adapter < 0.25 * checkpoint, f"adapter {adapter / 1e6:.2f} MB vs checkpoint {checkpoint / 1e6:.2f} MB"
 
 
+def test_float16_file_is_half_the_size_and_loads_back_into_float32(base, images, tmp_path):
+    plain, model = trained(base, "yolo11-lora-new-classes")
+    full = vp.save_adapter(model, tmp_path / "fp32.safetensors")
+    half = vp.save_adapter(model, tmp_path / "fp16.safetensors", dtype=torch.float16)
+    assert {v.dtype for v in load_file(half).values()} == {torch.float16}
+    assert half.stat().st_size < 0.55 * full.stat().st_size
+    fresh = vp.load_adapter(vp.load_base(resolve_weights("yolo11n.pt")), half)
+    assert {p.dtype for p in fresh.parameters()} == {torch.float32}
+    expected, actual = run(model, images), run(fresh, images)
+    assert all(float((a - b).abs().max() / b.abs().max()) < 1e-3 for a, b in zip(actual, expected, strict=True))
+
+
 def test_load_under_another_name_and_keep_the_active_adapter(base, images, tmp_path):
     plain, model = trained(base, "yolov8-dora")
     path = vp.save_adapter(model, tmp_path / "a.safetensors")

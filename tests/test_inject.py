@@ -17,6 +17,7 @@ from ultralytics.nn.tasks import DetectionModel
 
 import visionpeft as vp
 from visionpeft.families.yolo import class_bias
+from visionpeft.frozen_norm import FrozenBatchNorm2d, unfreeze_norms
 from visionpeft.inject import adapted_modules, base_named_modules, frozen_norm_modules
 from visionpeft.methods import AdaptedModule
 from visionpeft.methods.bottleneck import ConvBottleneck, TokenBottleneck
@@ -220,21 +221,31 @@ def test_modules_named_trainable_are_trained_in_full(base):
 
 
 def test_frozen_batchnorm_keeps_its_running_statistics(base, images):
+    """Frozen BatchNorms become FrozenBatchNorm2d: even a trainer's train() cannot move their statistics."""
     model = load(base, "yolo11n.pt")
     vp.inject(model, vp.LoraConfig(r=4))
     frozen = frozen_norm_modules(model)
     assert len(frozen) == sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    assert all(type(m) is FrozenBatchNorm2d for m in frozen)
     stats = copy.deepcopy({k: v for k, v in model.state_dict().items() if "running" in k})
 
-    model.train()
-    for m in frozen:
-        m.eval()
+    model.train()  # what Ultralytics' trainer calls every epoch
     model(images * 3)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in stats.items())
 
-    model.train()  # the control: BatchNorm in training mode does move its statistics
+    unfreeze_norms(model)  # the control: a plain BatchNorm in training mode does move its statistics
+    model.train()
     model(images * 3)
     assert not all(torch.equal(v, model.state_dict()[k]) for k, v in stats.items())
+
+
+def test_merge_gives_plain_batchnorms_back(base, images):
+    model = load(base, "yolo11n.pt")
+    vp.inject(model, vp.LoraConfig(r=4))
+    merged = vp.merge(model)
+    norms = [m for m in merged.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert norms and all(type(m) is nn.BatchNorm2d for m in norms)
+    assert type(model.model[0].bn) is FrozenBatchNorm2d  # merge() copies; the adapted model is untouched
 
 
 def test_trainable_report_per_block_and_total(base):
@@ -402,3 +413,28 @@ def test_set_adapter_switches_outputs_and_class_names(base, images):
 
     vp.set_adapter(model, None)
     assert max_rel_diff(run(model, images), plain) == 0 and model.names == coco_names
+
+
+def test_no_graph_below_the_lowest_adapted_layer(base, images):
+    """Adapters from layer 5 up, per-adapter BN statistics everywhere: layers 0-4 run forward only (their
+    statistics still adapt), so backward stops at layer 5 and keeps no activation of the stem."""
+    model = load(base, "yolo11n.pt")
+    vp.inject(model, [vp.DoraConfig(r=4, layers="5-23"), vp.NormStatsConfig()],
+              names=["crop", "weed"])
+    needs_grad = {}
+    for i, layer in enumerate(model.model[:-1]):
+        layer.register_forward_hook(lambda m, inp, out, i=i: needs_grad.__setitem__(i, out.requires_grad))
+    stem_stats = model.model[0].bn.adapters["default"].running_mean.clone()
+    model.train()
+    out = model(images * 2)
+    assert [i for i, g in needs_grad.items() if g] == list(range(5, 23))
+    assert not torch.equal(model.model[0].bn.adapters["default"].running_mean, stem_stats)  # forward-only update
+    torch.autograd.grad(sum(o.float().square().mean() for o in flat(out)), [p for p in model.parameters()
+                                                                             if p.requires_grad])
+
+
+def flat(out) -> list[torch.Tensor]:
+    """The tensors of a Detect head's training output (a dict, list or tuple, possibly nested)."""
+    items = out.values() if isinstance(out, dict) else out if isinstance(out, (list, tuple)) else [out]
+    return [t for o in items for t in (flat(o) if isinstance(o, (dict, list, tuple)) else [o])
+            if torch.is_tensor(t) and t.is_floating_point()]

@@ -54,7 +54,7 @@ def layer_input(layer: nn.Module) -> torch.Tensor:
 
 def wrap(layer: nn.Module, config) -> AdaptedModule:
     wrapper = AdaptedModule(layer)
-    wrapper.add_adapter("a", config.build(layer, config.r))
+    wrapper.add_adapter("a", config.build(layer, getattr(config, "r", 0)))
     return wrapper
 
 
@@ -351,3 +351,57 @@ def test_unknown_method_lists_the_available_ones():
 def test_config_round_trips_through_its_dict():
     config = vp.DoraConfig(r=4, alpha=2.0, layers=[1, 2], exclude_modules=["x"], rank_pattern={"cv2": 2})
     assert config_from_dict(config.to_dict()) == config
+
+
+# -- per-adapter BatchNorm statistics ---------------------------------------------------------------------------
+def pretrained_bn(c: int = 8) -> nn.BatchNorm2d:
+    bn = nn.BatchNorm2d(c, eps=1e-3, momentum=0.03)
+    with torch.no_grad():
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.normal_()
+        bn.bias.normal_()
+    return bn.requires_grad_(False)
+
+
+def test_norm_stats_learns_the_new_statistics_and_leaves_the_base_alone():
+    bn = pretrained_bn()
+    base_stats = (bn.running_mean.clone(), bn.running_var.clone())
+    wrapper = wrap(bn, config_from_dict({"method": "norm_stats"}))
+    adapter = wrapper.adapters["a"]
+    assert not list(adapter.parameters())  # nothing to train: a forward-only update
+    x = torch.randn(16, 8, 6, 6) * 3 + 2  # another domain: other means and variances
+    wrapper.train()
+    out = wrapper(x)
+    mean, var = x.mean((0, 2, 3)), x.var((0, 2, 3), unbiased=False)
+    ref = (x - mean[:, None, None]) / (var[:, None, None] + bn.eps).sqrt() * bn.weight[:, None, None] \
+        + bn.bias[:, None, None]
+    assert rel_err(out, ref) < 1e-5  # batch statistics with the base's affine weights
+    torch.testing.assert_close(adapter.running_mean, 0.97 * base_stats[0] + 0.03 * mean)
+    assert torch.equal(bn.running_mean, base_stats[0]) and torch.equal(bn.running_var, base_stats[1])
+
+
+def test_norm_stats_uses_its_statistics_in_eval_and_merges_exactly():
+    bn = pretrained_bn()
+    wrapper = wrap(bn, config_from_dict({"method": "norm_stats"})).train()
+    for _ in range(5):
+        wrapper(torch.randn(16, 8, 6, 6) * 2 - 1)
+    wrapper.eval()
+    x = torch.randn(2, 8, 6, 6)
+    adapted = wrapper(x)
+    assert rel_err(adapted, bn.eval()(x)) > 1e-2
+    merged = copy.deepcopy(wrapper).merged().eval()
+    assert type(merged) is nn.BatchNorm2d
+    assert rel_err(merged(x), adapted) < 1e-6
+
+
+def test_norm_stats_rejects_other_layers():
+    with pytest.raises(TypeError, match="BatchNorm"):
+        wrap(nn.Conv2d(3, 8, 3), config_from_dict({"method": "norm_stats"}))
+
+
+def test_layers_accept_ranges():
+    assert config_from_dict({"method": "lora", "layers": "5-8"}).layers == [5, 6, 7, 8]
+    assert config_from_dict({"method": "dora", "layers": "0, 2, 9-10"}).layers == [0, 2, 9, 10]
+    with pytest.raises(ValueError, match="5-23"):
+        config_from_dict({"method": "lora", "layers": "five"})

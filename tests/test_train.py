@@ -89,6 +89,9 @@ def test_coco8_run_writes_adapters_metrics_and_summary(coco8_run):
     params = dict(rec.trainer.model.named_parameters())
     assert summary.trainable_params == sum(params[n].numel() for n in trainable) > 0
     assert summary.adapter_bytes == (wdir / "best.safetensors").stat().st_size < summary.checkpoint_bytes
+    # the deliverable is fp16 (like best.pt), the resume file fp32
+    assert {v.dtype for v in read_adapter(wdir / "best.safetensors")[0].values()} == {torch.float16}
+    assert {v.dtype for v in read_adapter(wdir / "last.safetensors")[0].values()} == {torch.float32}
     assert summary.seconds_per_epoch > 0 and summary.peak_rss_mib > 0
     assert (run / "visionpeft.yaml").is_file() and (run / "dataset.yaml").is_file()
 

@@ -29,7 +29,7 @@ from .inject import (
     trainable_report,
 )
 from .io import AdapterFileError, load_adapter, read_adapter, save_adapter
-from .methods import BottleneckConfig, DoraConfig, LoraConfig, TrainableConfig, config_from_dict
+from .methods import BottleneckConfig, DoraConfig, LoraConfig, NormStatsConfig, TrainableConfig, config_from_dict
 from .models import load_base
 
 __all__ = [
@@ -37,6 +37,7 @@ __all__ = [
     "BottleneckConfig",
     "DoraConfig",
     "LoraConfig",
+    "NormStatsConfig",
     "TrainableConfig",
     "__version__",
     "base_state_dict",

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .families import Family, family_of
+from .frozen_norm import freeze_norms, unfreeze_norms
 from .methods import AdaptedModule, AdapterConfig, config_from_dict
 from .methods.trainable import TrainableCopy
 
@@ -223,12 +224,14 @@ def trainable_parameter_names(model: nn.Module) -> set[str]:
 def freeze(model: nn.Module) -> set[str]:
     """Set ``requires_grad`` to train exactly the active adapter; returns the trainable names.
 
-    Trainers that re-enable gradients on frozen parameters (Ultralytics does) call this again before building
-    their optimizer.
+    Frozen BatchNorms become :class:`~visionpeft.frozen_norm.FrozenBatchNorm2d`: their statistics cannot drift
+    and they keep no activation for the backward pass. Trainers that re-enable gradients on frozen parameters
+    (Ultralytics does) call this again before building their optimizer.
     """
     names = trainable_parameter_names(model)
     for n, p in model.named_parameters():
         p.requires_grad_(n in names)
+    freeze_norms(model)
     return names
 
 
@@ -253,6 +256,7 @@ def merge_(model: nn.Module) -> nn.Module:
         replace_module(model, name, replacement)
     for p in model.parameters():
         p.requires_grad_(False)
+    unfreeze_norms(model)  # a merged model is a plain one: its BatchNorms behave as the base's again
     if not any(True for _ in adapted_modules(model)):
         family_of(model).on_unload(model)
         if hasattr(model, STATE_ATTR):

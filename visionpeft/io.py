@@ -43,14 +43,17 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     return path
 
 
-def adapter_state_dict(model: nn.Module, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
-    """The tensors of one adapter (default: the active one), keyed ``<module>/<tensor>``."""
+def adapter_state_dict(model: nn.Module, adapter_name: str | None = None,
+                       dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of one adapter (default: the active one), keyed ``<module>/<tensor>``; floating-point tensors
+    cast to ``dtype`` if given."""
     name = adapter_name or peft_state(model)["active"]
     out = {}
     for module_name, wrapper in adapted_modules(model):
         if name in wrapper.adapters:
             for k, v in wrapper.adapters[name].state_dict().items():
-                out[f"{module_name}/{k}"] = v.detach().to("cpu", copy=True).contiguous()
+                v = v.detach().to("cpu", copy=True)
+                out[f"{module_name}/{k}"] = (v.to(dtype) if dtype and v.is_floating_point() else v).contiguous()
     return out
 
 
@@ -66,15 +69,20 @@ def adapter_metadata(model: nn.Module, adapter_name: str | None = None) -> dict:
             "fingerprint": state["fingerprint"], **base, **state["adapters"][name]}
 
 
-def adapter_to_bytes(model: nn.Module, adapter_name: str | None = None, extra: dict | None = None) -> bytes:
+def adapter_to_bytes(model: nn.Module, adapter_name: str | None = None, extra: dict | None = None,
+                     dtype: torch.dtype | None = None) -> bytes:
     meta = {**adapter_metadata(model, adapter_name), **(extra or {})}
-    return save_bytes(adapter_state_dict(model, adapter_name), metadata={"visionpeft": json.dumps(meta)})
+    return save_bytes(adapter_state_dict(model, adapter_name, dtype), metadata={"visionpeft": json.dumps(meta)})
 
 
 def save_adapter(model: nn.Module, path: str | Path, adapter_name: str | None = None,
-                 extra: dict | None = None) -> Path:
-    """Save one adapter (default: the active one) to a ``.safetensors`` file, atomically."""
-    return atomic_write_bytes(path, adapter_to_bytes(model, adapter_name, extra))
+                 extra: dict | None = None, dtype: torch.dtype | None = None) -> Path:
+    """Save one adapter (default: the active one) to a ``.safetensors`` file, atomically.
+
+    ``dtype=torch.float16`` halves the file (what Ultralytics does to ``best.pt``); loading casts back to the
+    model's dtype. Keep float32 (the default) for files a run resumes from.
+    """
+    return atomic_write_bytes(path, adapter_to_bytes(model, adapter_name, extra, dtype))
 
 
 def read_adapter(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:

@@ -8,10 +8,11 @@ from .base import AdaptedModule, Adapter, AdapterConfig
 from .bottleneck import BottleneckConfig
 from .dora import DoraConfig
 from .lora import LoraConfig
+from .norm_stats import NormStatsConfig
 from .trainable import TrainableConfig
 
 METHODS: dict[str, type[AdapterConfig]] = {
-    c.method: c for c in (LoraConfig, DoraConfig, BottleneckConfig, TrainableConfig)
+    c.method: c for c in (LoraConfig, DoraConfig, BottleneckConfig, NormStatsConfig, TrainableConfig)
 }
 
 
@@ -24,4 +25,4 @@ def config_from_dict(d: dict[str, Any]) -> AdapterConfig:
 
 
 __all__ = ["METHODS", "AdaptedModule", "Adapter", "AdapterConfig", "BottleneckConfig", "DoraConfig", "LoraConfig",
-           "TrainableConfig", "config_from_dict"]
+           "NormStatsConfig", "TrainableConfig", "config_from_dict"]

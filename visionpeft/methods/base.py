@@ -21,7 +21,8 @@ class AdapterConfig:
 
     Target selection (all given criteria must hold; an empty criterion matches everything):
         target_modules: regexes, full-matched against the dotted module name, or a plain suffix (``"qkv"``).
-        layers: Ultralytics layer indices; the module must live under ``model.<i>.``.
+        layers: Ultralytics layer indices; the module must live under ``model.<i>.``. A string of indices and
+            ranges is accepted too: ``"5-23"``, ``"0,1,9-12"``.
         target_types: class names of the modules to adapt (``"Conv2d"``, ``"Linear"``, ``"C3k2"``).
         exclude_modules: regexes or suffixes of modules never to adapt.
         rank_pattern: per-target rank overrides, ``{regex: r}``, first match wins.
@@ -34,6 +35,10 @@ class AdapterConfig:
     target_types: list[str] | None = None
     exclude_modules: list[str] = field(default_factory=list)
     rank_pattern: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.layers, str):
+            self.layers = parse_layers(self.layers)
 
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, **asdict(self)}
@@ -48,6 +53,18 @@ class AdapterConfig:
                 f"Unknown option(s) {unknown} for method '{cls.method}'. Valid options: {sorted(valid)}."
             )
         return cls(**d)
+
+
+def parse_layers(spec: str) -> list[int]:
+    """``"5-23"`` or ``"0,1,9-12"`` -> the layer indices it names, in order."""
+    out: list[int] = []
+    try:
+        for part in spec.replace(" ", "").split(","):
+            lo, _, hi = part.partition("-")
+            out.extend(range(int(lo), int(hi or lo) + 1))
+    except ValueError:
+        raise ValueError(f"layers={spec!r}: give indices and ranges such as '5-23' or '0,1,9-12'.") from None
+    return out
 
 
 def full_precision(x: torch.Tensor) -> torch.autocast:

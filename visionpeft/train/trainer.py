@@ -8,9 +8,11 @@ AMP, progress bars, ``results.csv``). The overrides below handle what full fine-
   the adapter, recipe and base back from ``last.pt``;
 * ``build_optimizer`` re-freezes the base, since ``_setup_train`` re-enables ``requires_grad`` on every parameter,
   and gives the optimizer the trainable parameters only;
+  (``freeze`` also turns frozen BatchNorms into ``FrozenBatchNorm2d``: fixed statistics, no saved activations);
 * ``_model_train`` keeps frozen BatchNorm layers in eval mode, so their running statistics do not drift;
 * ``save_model`` writes ``last.pt``/``best.pt`` atomically and, next to them, the adapter files
-  ``last.safetensors``/``best.safetensors`` in float32 (the ``.pt`` files hold an fp16 copy of the EMA);
+  ``last.safetensors`` in float32 (for resume; the ``.pt`` files hold an fp16 copy of the EMA) and
+  ``best.safetensors``, the task's deliverable, in float16;
 * ``resume_training`` (and NaN recovery) restore the exact fp32 base weights, and the fp32 adapter, that the fp16
   checkpoint rounded;
 * ``get_dataset`` finds data YAMLs in the repo's ``datasets/`` and resolves their ``${assets}`` paths;
@@ -25,6 +27,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 from ultralytics.models.yolo.detect import DetectionTrainer
 from ultralytics.nn.tasks import DetectionModel
@@ -260,7 +263,8 @@ class PeftDetectionTrainer(DetectionTrainer):
         save_adapter(self.ema.ema, last.with_suffix(".safetensors"), extra=extra)
         os.replace(tmp_last, last)
         if is_best:
-            save_adapter(self.ema.ema, best.with_suffix(".safetensors"), extra=extra)
+            # the per-task deliverable, in fp16 like Ultralytics' best.pt; last.safetensors stays fp32 for resume
+            save_adapter(self.ema.ema, best.with_suffix(".safetensors"), extra=extra, dtype=torch.float16)
             os.replace(tmp_best, best)
         return saved
 
