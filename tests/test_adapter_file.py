@@ -204,7 +204,11 @@ def test_several_adapters_from_files_switch_on_one_base(base, images, tmp_path):
                         ("crops", {0: "crop", 1: "weed"}), ("coco", plain.names)):
         vp.set_adapter(model, name)
         out = run(model, images)
-        assert all(torch.equal(a, b) for a, b in zip(out, expected[name], strict=True)), name
+        if name is None:  # the plain base, through FrozenBatchNorm2d: eval-mode BatchNorm up to float rounding
+            for a, b in zip(out, expected[name], strict=True):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
+        else:
+            assert all(torch.equal(a, b) for a, b in zip(out, expected[name], strict=True)), name
         assert model.names == names and head.nc == len(names) and out[0].shape[1] == 4 + len(names)
     assert not torch.equal(expected["coco"][-1], expected[None][-1])  # the adapters do change the features
 

@@ -8,6 +8,8 @@ import json
 import pytest
 
 from visionpeft.bench import load_bench_config, run_benchmark
+from visionpeft.bench.runner import run_config
+from visionpeft.train.config import load_config
 
 
 def test_benchmark_reports_and_resumes(tmp_path):
@@ -44,3 +46,13 @@ def test_benchmark_config_errors(tmp_path):
         load_bench_config(bad)
     with pytest.raises(ValueError, match="no run named"):
         load_bench_config("bench_smoke.yaml", {"only": "full,nope"})
+
+
+@pytest.mark.parametrize("name", ["bench_crops.yaml", "bench_crops_sweep.yaml", "bench_smoke.yaml"])
+def test_shipped_benchmark_configs_are_valid(name, tmp_path):
+    """Every run of the shipped benchmarks builds a valid training config (peft block, methods, train keys)."""
+    cfg = load_bench_config(name)
+    for run in cfg["runs"]:
+        config = load_config(run_config(cfg, run, tmp_path))
+        if (cfg["runs"][run] or {}).get("kind", "peft") == "peft":
+            assert config.peft.methods, run

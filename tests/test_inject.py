@@ -411,8 +411,8 @@ def test_set_adapter_switches_outputs_and_class_names(base, images):
     vp.set_adapter(model, "crops")
     assert max_rel_diff(run(model, images), crops) == 0 and model.names == {0: "crop", 1: "weed"}
 
-    vp.set_adapter(model, None)
-    assert max_rel_diff(run(model, images), plain) == 0 and model.names == coco_names
+    vp.set_adapter(model, None)  # the base, with frozen BatchNorms as FrozenBatchNorm2d (same up to rounding)
+    assert max_rel_diff(run(model, images), plain) < 1e-5 and model.names == coco_names
 
 
 def test_no_graph_below_the_lowest_adapted_layer(base, images):

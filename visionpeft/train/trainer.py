@@ -9,7 +9,8 @@ AMP, progress bars, ``results.csv``). The overrides below handle what full fine-
 * ``build_optimizer`` re-freezes the base, since ``_setup_train`` re-enables ``requires_grad`` on every parameter,
   and gives the optimizer the trainable parameters only;
   (``freeze`` also turns frozen BatchNorms into ``FrozenBatchNorm2d``: fixed statistics, no saved activations);
-* ``_model_train`` keeps frozen BatchNorm layers in eval mode, so their running statistics do not drift;
+* ``_model_train`` keeps frozen norm layers in eval mode (FrozenBatchNorm2d ignores the mode anyway; this covers
+  other BatchNorm kinds), so their running statistics do not drift;
 * ``save_model`` writes ``last.pt``/``best.pt`` atomically and, next to them, the adapter files
   ``last.safetensors`` in float32 (for resume; the ``.pt`` files hold an fp16 copy of the EMA) and
   ``best.safetensors``, the task's deliverable, in float16;
