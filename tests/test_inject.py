@@ -438,3 +438,23 @@ def flat(out) -> list[torch.Tensor]:
     items = out.values() if isinstance(out, dict) else out if isinstance(out, (list, tuple)) else [out]
     return [t for o in items for t in (flat(o) if isinstance(o, (dict, list, tuple)) else [o])
             if torch.is_tensor(t) and t.is_floating_point()]
+
+
+def test_delete_adapter_down_to_the_plain_base(base, images):
+    model = load(base, "yolo11n.pt")
+    plain = run(copy.deepcopy(model), images)
+    vp.inject(model, vp.LoraConfig(r=4), adapter_name="a", names=["crop", "weed"])
+    vp.inject(model, vp.DoraConfig(r=2, layers=[23]), adapter_name="b")
+    randomize_adapters(model)
+    vp.set_adapter(model, "b")
+    only_b = run(model, images)
+    vp.delete_adapter(model, "a")
+    assert vp.peft_state(model)["active"] == "b" and list(vp.peft_state(model)["adapters"]) == ["b"]
+    assert all("a" not in w.adapters for _, w in adapted_modules(model))
+    assert max_rel_diff(run(model, images), only_b) == 0
+    with pytest.raises(KeyError, match="No adapter named 'a'"):
+        vp.delete_adapter(model, "a")
+    vp.delete_adapter(model, "b")
+    assert type(model) is DetectionModel and visionpeft_modules(model) == [] and not hasattr(model, "visionpeft")
+    assert all(type(m) is nn.BatchNorm2d for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+    assert max_rel_diff(run(model, images), plain) == 0

@@ -207,6 +207,7 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
     del state["adapters"][adapter_name]
     if not state["adapters"]:
         set_adapter(model, None)
+        unfreeze_norms(model)  # the plain base again, BatchNorms included
         family_of(model).on_unload(model)
         delattr(model, STATE_ATTR)
     else:
