@@ -10,7 +10,7 @@ import copy
 
 import pytest
 import torch
-from conftest import VIT, VIT_KWARGS, max_rel_diff, randomize_adapters, run, visionpeft_modules
+from conftest import VIT, VIT_KWARGS, leaves, max_rel_diff, randomize_adapters, run, visionpeft_modules
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from ultralytics.nn.tasks import DetectionModel
@@ -429,15 +429,9 @@ def test_no_graph_below_the_lowest_adapted_layer(base, images):
     out = model(images * 2)
     assert [i for i, g in needs_grad.items() if g] == list(range(5, 23))
     assert not torch.equal(model.model[0].bn.adapters["default"].running_mean, stem_stats)  # forward-only update
-    torch.autograd.grad(sum(o.float().square().mean() for o in flat(out)), [p for p in model.parameters()
-                                                                             if p.requires_grad])
-
-
-def flat(out) -> list[torch.Tensor]:
-    """The tensors of a Detect head's training output (a dict, list or tuple, possibly nested)."""
-    items = out.values() if isinstance(out, dict) else out if isinstance(out, (list, tuple)) else [out]
-    return [t for o in items for t in (flat(o) if isinstance(o, (dict, list, tuple)) else [o])
-            if torch.is_tensor(t) and t.is_floating_point()]
+    # every trainable tensor gets a gradient (autograd.grad raises for one outside the graph)
+    loss = sum(t.square().mean() for t in leaves(out) if t.is_floating_point())
+    torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad])
 
 
 def test_delete_adapter_down_to_the_plain_base(base, images):

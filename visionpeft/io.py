@@ -52,8 +52,8 @@ def adapter_state_dict(model: nn.Module, adapter_name: str | None = None,
     for module_name, wrapper in adapted_modules(model):
         if name in wrapper.adapters:
             for k, v in wrapper.adapters[name].state_dict().items():
-                v = v.detach().to("cpu", copy=True)
-                out[f"{module_name}/{k}"] = (v.to(dtype) if dtype and v.is_floating_point() else v).contiguous()
+                cast = dtype if dtype is not None and v.is_floating_point() else v.dtype
+                out[f"{module_name}/{k}"] = v.detach().to("cpu", cast, copy=True).contiguous()
     return out
 
 
