@@ -32,6 +32,25 @@ def test_readme_python_example_runs(tmp_path, monkeypatch, capsys):
     assert "all" in printed and "%" in printed  # the trainable report
 
 
+def test_readme_pipeline_example_runs(tmp_path, monkeypatch, capsys):
+    """The 'In a CV pipeline' example, on the adapter files of the Python API example (one as a run folder)."""
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code_block(section("Python API"), "python"), "README.md", "exec"), {})
+    run = tmp_path / "runs" / "detect" / "crops" / "weights"
+    run.mkdir(parents=True)
+    (tmp_path / "crops.safetensors").rename(run / "best.safetensors")
+    capsys.readouterr()
+    namespace: dict = {}
+    exec(compile(code_block(section("In a CV pipeline"), "python"), "README.md", "exec"), namespace)
+    model = namespace["model"]
+    assert model.adapters == ["coco", "crops"] and model.active_adapter == "crops"
+    assert namespace["people"].names[0] == "person" and set(namespace["people"].boxes.cls.tolist()) <= {0.0}
+    assert 0 <= namespace["metrics"].box.map <= 1
+    assert namespace["onnx_file"] == str(tmp_path / "crops.onnx")
+    boxes = re.findall(r"^(\S+) [0-9.]+ \[\d+, \d+, \d+, \d+\]$", capsys.readouterr().out, flags=re.M)
+    assert set(boxes) <= {"crop", "weed"}  # the example's printed boxes are the crops adapter's
+
+
 def test_ci_runs_the_readme_test_command():
     commands = code_block(section("Set-up"), "bash").strip().splitlines()
     assert len(commands) == 2, "the set-up is two commands: the main job and the tests"

@@ -137,7 +137,9 @@ def test_fp16_export_loads_in_onnxruntime(tmp_path, lora_export):
 def test_int8_keeps_the_decode_in_float(tmp_path, lora_export, coco8):
     _, model = lora_export
     vp.save_adapter(model, tmp_path / "w.safetensors", extra={"base": "yolo11n.pt"})
-    result = export(adapter=tmp_path / "w.safetensors", quantize=8, imgsz=IMGSZ, data=coco8, runs=0)
+    # coco8 images calibrate a crop/weed adapter here: its class names differ, as the check would say
+    result = export(adapter=tmp_path / "w.safetensors", quantize=8, imgsz=IMGSZ, data=coco8, runs=0,
+                    check_names=False)
     assert set(result.files) == {"fp32", "int8"} and result.file.name == "w_int8.onnx"
     ort.InferenceSession(str(result.file), providers=["CPUExecutionProvider"])
     fp32, int8 = onnx.load(str(result.files["fp32"])), onnx.load(str(result.file))
@@ -166,7 +168,7 @@ def test_val_reports_onnx_and_pytorch_map(tmp_path, coco8):
 def test_run_folder_and_cli(tmp_path, coco8):
     run = tmp_path / "runs" / "detect" / "weeds"
     (run / "weights").mkdir(parents=True)
-    make_adapter(run / "weights", vp.LoraConfig(r=2), "best")
+    make_adapter(run / "weights", vp.LoraConfig(r=2), "best", names=None)  # coco8's classes
     (run / "args.yaml").write_text(f"data: {coco8}\nimgsz: {IMGSZ}\n")
     assert cli(["--run", str(run), "--runs", "0"]) == 0
     report = json.loads((run / "weights" / "best.verify.json").read_text())

@@ -252,9 +252,9 @@ def test_adaptformer_runs_parallel_to_a_vit_mlp():
 
 
 def test_bottleneck_rejects_unknown_activation():
-    block, x = conv_block(4, 4, 1), torch.randn(1, 4, 8, 8)
-    with pytest.raises(ValueError, match="Unknown bottleneck activation 'swish'.*gelu"):
-        wrap_bottleneck(block, x, act="swish")
+    with pytest.raises(ValueError) as e:
+        vp.BottleneckConfig(act="swish")  # when the config is built, before any block is wrapped
+    assert str(e.value) == "BottleneckConfig.act must be one of ['gelu', 'relu', 'silu'], got 'swish'"
 
 
 # -- AMP: adapter math stays in float32 ----------------------------------------------------------------------------
@@ -346,6 +346,62 @@ def test_unknown_method_lists_the_available_ones():
         config_from_dict({"method": "lokr", "r": 8})
     with pytest.raises(ValueError, match="Unknown adapter method 'None'"):
         config_from_dict({"r": 8})
+
+
+# Every numeric or enum field, with a bad value and the message naming the field and its valid range.
+BAD_FIELDS = [
+    (vp.LoraConfig, {"r": 0}, "LoraConfig.r must be an integer >= 1, got 0"),
+    (vp.LoraConfig, {"r": -4}, "LoraConfig.r must be an integer >= 1, got -4"),
+    (vp.LoraConfig, {"r": 2.5}, "LoraConfig.r must be an integer >= 1, got 2.5"),
+    (vp.LoraConfig, {"r": True}, "LoraConfig.r must be an integer >= 1, got True"),
+    (vp.LoraConfig, {"r": "8"}, "LoraConfig.r must be an integer >= 1, got '8' (a string"),
+    (vp.DoraConfig, {"r": 0}, "DoraConfig.r must be an integer >= 1, got 0"),
+    (vp.LoraConfig, {"alpha": 0}, "LoraConfig.alpha must be a number > 0, got 0"),
+    (vp.DoraConfig, {"alpha": -16}, "DoraConfig.alpha must be a number > 0, got -16"),
+    (vp.LoraConfig, {"alpha": float("nan")}, "LoraConfig.alpha must be a number > 0, got nan"),
+    (vp.LoraConfig, {"alpha": "1e3"}, "LoraConfig.alpha must be a number > 0, got '1e3' (a string"),
+    (vp.LoraConfig, {"dropout": 1.0}, "LoraConfig.dropout must be a number in [0, 1), got 1.0"),
+    (vp.LoraConfig, {"dropout": -0.1}, "LoraConfig.dropout must be a number in [0, 1), got -0.1"),
+    (vp.BottleneckConfig, {"r": 0}, "BottleneckConfig.r must be an integer >= 1, got 0"),
+    (vp.BottleneckConfig, {"scale": 0}, "BottleneckConfig.scale must be a number != 0, got 0"),
+    (vp.BottleneckConfig, {"scale": float("inf")}, "BottleneckConfig.scale must be a number != 0, got inf"),
+    (vp.LoraConfig, {"rank_pattern": {"cv2": 0}}, "LoraConfig.rank_pattern['cv2'] must be an integer >= 1, got 0"),
+    (vp.BottleneckConfig, {"rank_pattern": {"cv2": -1}}, "rank_pattern['cv2'] must be an integer >= 1, got -1"),
+    (vp.LoraConfig, {"rank_pattern": {"cv2[": 4}}, "LoraConfig.rank_pattern: 'cv2[' is not a valid regex"),
+    (vp.LoraConfig, {"rank_pattern": [4]}, "LoraConfig.rank_pattern must be a mapping {regex: rank}"),
+    (vp.NormStatsConfig, {"rank_pattern": {"bn": 4}}, "NormStatsConfig.rank_pattern sets ranks, but method"),
+    (vp.TrainableConfig, {"rank_pattern": {"bn": 4}}, "TrainableConfig.rank_pattern sets ranks"),
+    (vp.LoraConfig, {"layers": [5, -1]}, "LoraConfig.layers must be an integer >= 0, got -1"),
+    (vp.NormStatsConfig, {"layers": []}, "NormStatsConfig.layers must be a non-empty list of layer indices"),
+    (vp.TrainableConfig, {"layers": "23-5"}, "TrainableConfig.layers must be indices and ascending ranges"),
+    (vp.LoraConfig, {"layers": [1.5]}, "LoraConfig.layers must be an integer >= 0, got 1.5"),
+    (vp.LoraConfig, {"target_modules": ["model.(0"]}, "LoraConfig.target_modules: 'model.(0' is not a valid regex"),
+    (vp.LoraConfig, {"target_modules": [3]}, "LoraConfig.target_modules must be a list of regexes"),
+    (vp.DoraConfig, {"exclude_modules": ["dfl["]}, "DoraConfig.exclude_modules: 'dfl[' is not a valid regex"),
+    (vp.BottleneckConfig, {"target_types": [""]}, "BottleneckConfig.target_types must be a list of class names"),
+]
+
+
+@pytest.mark.parametrize(("cls", "options", "message"), BAD_FIELDS, ids=[f"{c.__name__}-{o}" for c, o, _ in BAD_FIELDS])
+def test_bad_field_fails_when_the_config_is_built(cls, options, message):
+    with pytest.raises(ValueError) as e:
+        cls(**options)
+    assert message in str(e.value) and "\n" not in str(e.value)  # names the field and its range, on one line
+    with pytest.raises(ValueError) as e:  # the dict route (YAML configs, adapter metadata) too
+        config_from_dict({"method": cls.method, **options})
+    assert message in str(e.value)
+
+
+def test_good_fields_are_normalised():
+    import numpy as np
+
+    config = vp.LoraConfig(r=np.int64(4), alpha=np.float32(8), dropout=0, layers=23, target_modules="qkv",
+                           exclude_modules=None, rank_pattern=None)
+    assert (config.r, config.alpha, config.layers, config.target_modules) == (4, 8.0, [23], ["qkv"])
+    assert type(config.r) is int and type(config.alpha) is float  # plain types: the config goes to JSON metadata
+    assert config.exclude_modules == [] and config.rank_pattern == {}
+    assert vp.BottleneckConfig(scale=-0.5, rank_pattern={"cv2": 2}).rank_pattern == {"cv2": 2}
+    assert vp.TrainableConfig(layers="0,1").layers == [0, 1]
 
 
 def test_config_round_trips_through_its_dict():

@@ -158,7 +158,9 @@ def test_crop_weed_fraction_with_field_augmentations(tmp_path, fresh_base):
 
 
 def test_resume_continues_an_interrupted_run(tmp_path, fresh_base):
-    """Stop after the epoch-1 checkpoint (KeyboardInterrupt), resume=True: epochs 2-3 run on the fp32 adapter."""
+    """Stop after the epoch-1 checkpoint (KeyboardInterrupt), resume=True: epochs 2-3 run on the fp32 adapters,
+    the trained model's from the state file, the EMA's from last.safetensors (last.pt holds an fp16 EMA only)."""
+    from visionpeft.train import resume_state
 
     def interrupt(trainer):
         if trainer.epoch == 0:
@@ -170,12 +172,19 @@ def test_resume_continues_an_interrupted_run(tmp_path, fresh_base):
     wdir = tmp_path / "res" / "weights"
     first_tensors, first_meta = read_adapter(wdir / "last.safetensors")
     assert first_meta["epoch"] == 0 and len((tmp_path / "res" / "results.csv").read_text().splitlines()) == 2
+    state, state_meta = resume_state.read(wdir / "last.state.safetensors")
+    trained = {k.removeprefix("model/"): v for k, v in state.items() if k.startswith("model/")}
+    assert state_meta["epoch"] == 0 and trained.keys() == first_tensors.keys()
 
     rec = Recorder()
-    summary = train("coco8_smoke.yaml", callbacks=rec.callbacks(), resume=True, project=str(tmp_path), name="res")
+    ema: dict[str, torch.Tensor] = {}
+    summary = train("coco8_smoke.yaml", resume=True, project=str(tmp_path), name="res",
+                    callbacks={**rec.callbacks(), "on_train_start": [
+                        rec.started, lambda t: ema.update(adapter_state_dict(t.ema.ema))]})
     assert rec.start_epoch == 1 and summary.run_dir == str(tmp_path / "res")
-    for k, v in first_tensors.items():  # the fp32 adapter of epoch 1, not the fp16 copy in last.pt
-        assert torch.equal(rec.initial[k], v), k
+    for k, v in first_tensors.items():  # the fp32 adapters of epoch 1, not the fp16 copy in last.pt
+        assert torch.equal(rec.initial[k], trained[k]) and torch.equal(ema[k], v), k
+    assert any(not torch.equal(trained[k], v) for k, v in first_tensors.items())  # trained model != its EMA
     rows = (tmp_path / "res" / "results.csv").read_text().splitlines()[1:]
     assert [int(r.split(",")[0]) for r in rows] == [1, 2, 3]
     assert read_adapter(wdir / "last.safetensors")[1]["epoch"] == 2 and (wdir / "best.safetensors").is_file()

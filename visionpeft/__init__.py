@@ -17,20 +17,40 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from . import settings  # noqa: F401  (sets the offline switches before Ultralytics is imported)
-from .inject import (
-    base_state_dict,
-    delete_adapter,
-    fingerprint,
-    freeze,
-    inject,
-    merge,
-    peft_state,
-    set_adapter,
-    trainable_report,
-)
-from .io import AdapterFileError, load_adapter, read_adapter, save_adapter
-from .methods import BottleneckConfig, DoraConfig, LoraConfig, NormStatsConfig, TrainableConfig, config_from_dict
-from .models import load_base
+
+try:
+    import torch  # noqa: F401
+except ImportError as _error:  # a device applying patches (python -m visionpeft.edge) has numpy and onnx only
+    _NO_TORCH: ImportError | None = _error
+else:
+    _NO_TORCH = None
+    from .inject import (
+        base_state_dict,
+        delete_adapter,
+        fingerprint,
+        freeze,
+        inject,
+        merge,
+        peft_state,
+        set_adapter,
+        trainable_report,
+    )
+    from .io import AdapterFileError, load_adapter, read_adapter, save_adapter
+    from .methods import BottleneckConfig, DoraConfig, LoraConfig, NormStatsConfig, TrainableConfig, config_from_dict
+    from .models import load_base
+
+
+def __getattr__(name: str):
+    if _NO_TORCH is not None and name in __all__:
+        raise ImportError(f"visionpeft.{name} needs torch, which failed to import ({_NO_TORCH}); without torch only "
+                          "the device tools work: python -m visionpeft.edge")
+    # visionpeft.YOLO subclasses Ultralytics' YOLO: imported on first use, so `import visionpeft` stays light
+    if name == "YOLO":
+        from .yolo_model import YOLO
+
+        return YOLO
+    raise AttributeError(f"module 'visionpeft' has no attribute '{name}'")
+
 
 __all__ = [
     "AdapterFileError",
@@ -39,6 +59,7 @@ __all__ = [
     "LoraConfig",
     "NormStatsConfig",
     "TrainableConfig",
+    "YOLO",
     "__version__",
     "base_state_dict",
     "config_from_dict",

@@ -7,9 +7,13 @@ class names and the fingerprint of the base model the adapter was trained on.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import stat
 import tempfile
+import threading
+import zipfile
 from pathlib import Path
 
 import torch
@@ -20,10 +24,41 @@ from torch import nn
 from .inject import adapted_modules, delete_adapter, fingerprint, inject, peft_state, set_adapter
 
 FORMAT = "visionpeft.adapter.v1"
+_UMASK_LOCK = threading.Lock()
+_LEGACY_TORCH_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"  # pickled torch MAGIC_NUMBER
 
 
 class AdapterFileError(ValueError):
     """An adapter file is missing, corrupt, or does not fit the model it is loaded onto."""
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where Linux reports it (``os.umask`` alone must set it, which
+    races with other threads creating files)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    with _UMASK_LOCK:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
+def file_mode(path: str | Path) -> int:
+    """The permissions a file written to ``path`` gets: the existing file's, else ``0o666`` less the umask (as
+    ``open()`` would give; ``tempfile.mkstemp`` alone makes every file 0600)."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        return 0o666 & ~_umask()
+
+
+def replace_file(src: str | Path, dst: str | Path) -> Path:
+    """Move ``src`` onto ``dst`` atomically (same file system), keeping the mode ``dst`` had if it existed."""
+    os.chmod(src, file_mode(dst))
+    os.replace(src, dst)
+    return Path(dst)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
@@ -36,7 +71,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        replace_file(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -96,6 +131,11 @@ def read_adapter(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
             raw = (f.metadata() or {}).get("visionpeft")
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not a dict
     except (SafetensorError, ValueError, OSError, RuntimeError) as e:
+        if _is_torch_checkpoint(path):
+            raise AdapterFileError(
+                f"'{path}' is a PyTorch checkpoint (.pt), not a visionpeft adapter (.safetensors): pass it as the base "
+                "(base=/--base), with the adapter file the training run wrote beside it (weights/best.safetensors), "
+                "or pass the run folder (run=/--run runs/detect/<name>).") from e
         raise AdapterFileError(f"'{path}' is not a readable safetensors file (corrupt or truncated?): {e}. "
                                "Re-export or re-download the adapter.") from e
     try:
@@ -106,6 +146,13 @@ def read_adapter(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
         raise AdapterFileError(f"'{path}' is a safetensors file but not a visionpeft adapter (no '{FORMAT}' "
                                "metadata). Save adapters with visionpeft.save_adapter().")
     return tensors, meta
+
+
+def _is_torch_checkpoint(path: Path) -> bool:
+    """Whether ``path`` is ``torch.save`` output: a zip archive, or the legacy format (a pickled magic number)."""
+    with open(path, "rb") as f:
+        head = f.read(len(_LEGACY_TORCH_MAGIC))
+    return head == _LEGACY_TORCH_MAGIC or zipfile.is_zipfile(path)
 
 
 def check_fingerprint(model: nn.Module, meta: dict, path: str | Path) -> None:

@@ -3,35 +3,46 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Sequence
+
+from ..train.cli import OneLineParser, usage_error
 
 EPILOG = """\
 overrides (key=value):
   epochs=30 fraction=0.1 imgsz=320   Ultralytics train arguments for every run
   name=crops_f10 project=runs/benchmark   the output folder (runs/benchmark/<name>/)
   only=full,recipe                   do only these runs
+multi-domain configs (with domains:, e.g. --cfg bench_domains.yaml) also take:
+  quick=true                         the first seed of each domain only
+  only_domains=coco128,cherry_bbch81 do only these domains
 Finished runs are kept: the same command again resumes an interrupted benchmark.
 """
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="visionpeft-benchmark", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Benchmark PEFT methods against Ultralytics full fine-tuning, freezing and head-only training.")
     parser.add_argument("--cfg", default="bench_crops.yaml", help="benchmark YAML: a path or a name in configs/")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
 
-    from ..train.config import ConfigError, parse_overrides
+    import yaml
+
+    from ..train.config import ConfigError, find_config, parse_overrides
+    from .domains import load_domain_config, run_domain_benchmark
     from .runner import load_bench_config, run_benchmark
 
     try:
-        cfg = load_bench_config(args.cfg, parse_overrides(args.overrides))
-    except (ConfigError, ValueError, FileNotFoundError) as e:
-        print(f"visionpeft-benchmark: error: {e}", file=sys.stderr)
-        return 2
-    run_benchmark(cfg)
+        raw = yaml.safe_load(find_config(args.cfg).read_text())
+        multi = isinstance(raw, dict) and "domains" in raw  # the multi-domain runner, else the one-dataset one
+        cfg = (load_domain_config if multi else load_bench_config)(args.cfg, parse_overrides(args.overrides))
+    except (ConfigError, ValueError, FileNotFoundError, yaml.YAMLError) as e:
+        return usage_error(parser.prog, e)
+    try:
+        (run_domain_benchmark if multi else run_benchmark)(cfg)
+    except ConfigError as e:  # a finished run of another config in the output folder: nothing ran, nothing lost
+        return usage_error(parser.prog, e)
     return 0
 
 

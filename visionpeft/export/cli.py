@@ -21,7 +21,8 @@ def parser() -> argparse.ArgumentParser:
     src = p.add_argument_group("input (an adapter with its base, or a training run folder)")
     src.add_argument("--run", help="training run folder (runs/detect/<name>) holding weights/best.safetensors")
     src.add_argument("--adapter", help="adapter .safetensors file")
-    src.add_argument("--base", help="base weights the adapter was trained on (default: recorded in the adapter)")
+    src.add_argument("--base", help="base weights the adapter was trained on (default: the file name recorded in the "
+                     "adapter, looked up in the assets' weights/ folder only)")
     p.add_argument("--format", default="onnx", help="export format: onnx (default)")
     p.add_argument("--quantize", type=int, default=32, choices=(32, 16, 8),
                    help="precision: 32 (FP32, default), 16 (FP16 weights), 8 (static INT8, needs --data)")
@@ -30,11 +31,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--opset", type=int, help="ONNX opset (default: Ultralytics' choice)")
     p.add_argument("--data", help="dataset data.yaml: INT8 calibration, parity images, --val (default: the run's)")
     p.add_argument("--val", action="store_true", help="also report mAP50-95 of each file and the PyTorch model")
+    p.add_argument("--allow-names-mismatch", dest="check_names", action="store_false",
+                   help="use --data even if its class names differ from the adapter's (mAP is then meaningless)")
     p.add_argument("--out", help="output folder or .onnx path (default: beside the adapter)")
     p.add_argument("--no-verify", dest="verify", action="store_false", help="skip the verification report")
     p.add_argument("--calib", type=int, default=128, help="INT8 calibration images (train split; default 128)")
     p.add_argument("--runs", type=int, default=50, help="timed runs per file for the latency median (default: 50)")
     p.add_argument("--threads", type=int, default=1, help="onnxruntime threads for latency (default: 1; 0: all cores)")
+    p.add_argument("--patch", action="store_true", help="write a .vpatch instead: what devices holding the base ONNX "
+                   "apply to it (python -m visionpeft.edge apply base.onnx x.vpatch) to get the merged ONNX")
+    p.add_argument("--base-onnx", help="with --patch: the base ONNX the devices run (default: the base exported here)")
     return p
 
 
@@ -43,19 +49,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .pipeline import export
 
     imgsz = None if not args.imgsz else args.imgsz[0] if len(args.imgsz) == 1 else args.imgsz
+    if args.patch:
+        return _patch(args, imgsz)
     try:
         result = export(base=args.base, adapter=args.adapter, run=args.run, format=args.format,
                         quantize=args.quantize, imgsz=imgsz, dynamic=args.dynamic, opset=args.opset, val=args.val,
                         data=args.data, out=args.out, verify=args.verify, calib=args.calib, runs=args.runs,
-                        threads=args.threads or None)
+                        threads=args.threads or None, check_names=args.check_names)
     except (AdapterFileError, FileNotFoundError, ValueError, TypeError) as e:
-        print(f"visionpeft-export: error: {e}", file=sys.stderr)
+        print(f"visionpeft-export: error: {' '.join(str(e).split())}", file=sys.stderr)  # one line
         return 2
     if not result.ok:
         failed = [k for k, c in result.report["checks"].items() if not c["ok"]]
         print(f"visionpeft-export: verification failed: {', '.join(failed)} (see {result.report_file})",
               file=sys.stderr)
         return 1
+    return 0
+
+
+def _patch(args: argparse.Namespace, imgsz) -> int:
+    from .patch import export_patch
+
+    try:
+        print(export_patch(base=args.base, adapter=args.adapter, run=args.run, quantize=args.quantize, imgsz=imgsz,
+                           base_onnx=args.base_onnx, out=args.out, opset=args.opset, data=args.data,
+                           check_names=args.check_names))
+    except (AdapterFileError, FileNotFoundError, ValueError, TypeError) as e:  # PatchError is a ValueError
+        print(f"visionpeft-export: error: {' '.join(str(e).split())}", file=sys.stderr)  # one line
+        return 2
     return 0
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import hashlib
 import json
 import logging
@@ -24,6 +25,15 @@ from ..io import atomic_write_bytes
 #: metadata_props key holding visionpeft's JSON (one key, so it cannot collide with Ultralytics' keys)
 METADATA_KEY = "visionpeft"
 CACHE_ENV = "VISIONPEFT_CACHE"
+
+
+@functools.cache
+def telemetry_off() -> None:
+    """Turn off onnxruntime's telemetry events (on by default in its Windows builds) for this process, before any
+    session exists: visionpeft's own sessions and those Ultralytics opens to validate an export."""
+    import onnxruntime
+
+    onnxruntime.disable_telemetry_events()
 
 
 def cache_dir() -> Path:
@@ -66,6 +76,7 @@ def export_onnx(model: nn.Module, path: str | Path, imgsz: int | tuple[int, int]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     model = copy.deepcopy(model).cpu()
+    telemetry_off()  # the exporter checks its file in an onnxruntime session
     if data is not None:
         model.args = {**(model.args if isinstance(getattr(model, "args", None), dict) else {}), "data": str(data)}
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.stem}.") as tmp:

@@ -8,16 +8,22 @@ against.
 from __future__ import annotations
 
 import ast
+import contextlib
 import copy
+import dataclasses
 import hashlib
+import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .. import settings
 from ..inject import adapted_modules, merge, peft_state
-from ..io import AdapterFileError, load_adapter, read_adapter
+from ..io import AdapterFileError, load_adapter, read_adapter, replace_file
 from ..models import load_base
-from ..train.data import resolve_dataset
+from ..train.data import check_class_names, resolve_dataset
+from ..train.offline import ensure_fonts
 from . import verify as checks
 from .images import letterbox, sample_images, split_images
 from .onnx import base_export, export_onnx, read_metadata, update_metadata
@@ -26,6 +32,8 @@ from .quantize import to_fp16, to_int8
 FORMATS = ("onnx",)
 PRECISIONS = {32: "fp32", 16: "fp16", 8: "int8"}
 METADATA_FORMAT = "visionpeft.onnx.v1"
+NAMES_FIX = ("pass the dataset the adapter was trained on, or export anyway with check_names=False "
+             "(--allow-names-mismatch)")
 
 
 @dataclass
@@ -76,11 +84,47 @@ def resolve_inputs(base: str | Path | None, adapter: str | Path | None,
     adapter = Path(adapter)
     _, meta = read_adapter(adapter)
     if base is None:
-        base = meta.get("base")
-        if base is None:
-            raise ValueError(f"'{adapter}' does not record its base model (it was not saved by the visionpeft "
-                             "trainer): pass base=<the weights it was trained on>, e.g. base='yolo11n.pt'.")
+        base = recorded_base(meta, adapter)
     return base, adapter, run_args, meta
+
+
+def recorded_base(meta: dict, adapter: Path) -> str | Path:
+    """The base an adapter's metadata names, found only in the assets' weights folder.
+
+    An adapter file is data a user may receive: the path it records is never opened (a crafted one could point at a
+    pickle that runs code). Only its bare file name is looked up in ``weights/``; a ViT detector spec
+    (``vitdet:...``) is rebuilt, its pretrained file likewise taken from ``weights/`` only.
+    """
+    recorded = meta.get("base")
+    if not recorded:
+        raise ValueError(f"'{adapter}' does not record its base model (it was not saved by the visionpeft "
+                         "trainer): pass base=<the weights it was trained on> (--base), e.g. base='yolo11n.pt'.")
+    if str(recorded).startswith("vitdet:"):
+        return _recorded_vitdet(str(recorded), adapter)
+    name = Path(str(recorded)).name
+    found = settings.weights_dir() / name
+    if name and found.is_file():
+        return found
+    raise FileNotFoundError(f"'{adapter}' was trained on base '{name}', which is not in {settings.weights_dir()}: "
+                            f"pass base=<path to {name or 'the base weights'}> (--base).")
+
+
+def _recorded_vitdet(recorded: str, adapter: Path) -> str:
+    from ..vitdet.model import parse_spec
+
+    spec = parse_spec(recorded)
+    files = sorted(k for k in spec.timm_kwargs if k in {"checkpoint_path", "pretrained_cfg", "cache_dir"})
+    if files:
+        raise ValueError(f"'{adapter}' records a ViT detector base whose timm options {files} name files: pass "
+                         "base=<the base spec or weights> (--base) yourself.")
+    if isinstance(spec.pretrained, str):
+        name = Path(spec.pretrained).name
+        found = settings.weights_dir() / name
+        if not (name and found.is_file()):
+            raise FileNotFoundError(f"'{adapter}' was trained on a ViT backbone from '{name}', which is not in "
+                                    f"{settings.weights_dir()}: pass base=<the base spec> (--base).")
+        spec = dataclasses.replace(spec, pretrained=str(found))
+    return spec.source()
 
 
 def _imgsz(value) -> list[int]:
@@ -90,6 +134,22 @@ def _imgsz(value) -> list[int]:
     if len(size) != 2 or min(size) < 32:
         raise ValueError(f"imgsz must be one size or [height, width], each >= 32; got {value!r}.")
     return size
+
+
+@contextlib.contextmanager
+def _staged(folder: Path) -> Iterator[Path]:
+    """A temporary folder inside ``folder`` to build a set of files in (the caller moves them out when all are
+    written); removed afterwards, with ``folder`` itself if it was made for it, so a failure leaves no half set."""
+    made = not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(dir=folder, prefix=".visionpeft-export-"))
+    try:
+        yield stage
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+        if made:
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only if the export left nothing in it
 
 
 def _sha256(path: Path) -> str:
@@ -112,12 +172,14 @@ def export(
     calib: int = 128,
     runs: int = 50,
     threads: int | None = 1,
+    check_names: bool = True,
 ) -> ExportResult:
     """Export a trained adapter, merged into its base, to ONNX and verify the files.
 
     Inputs: ``adapter`` (a ``.safetensors`` adapter file) with ``base`` (the weights it was trained on; default: the
-    path the trainer recorded in the adapter), or ``run`` (a training run folder; its ``weights/best.safetensors``,
-    and its ``data`` and ``imgsz`` as defaults). ``quantize``: 32, 16 (FP16 weights, FP32 inputs/outputs) or 8
+    file name the trainer recorded in the adapter, looked up in the assets' ``weights/`` only), or ``run`` (a
+    training run folder; its ``weights/best.safetensors``, and its ``data`` and ``imgsz`` as defaults).
+    ``quantize``: 32, 16 (FP16 weights, FP32 inputs/outputs) or 8
     (static INT8, calibrated on ``calib`` images of the ``data`` train split). The FP32 file is always written
     (FP16/INT8 derive from it): ``<out>/<adapter stem>.onnx``, ``..._fp16.onnx``, ``..._int8.onnx``, beside the
     adapter unless ``out`` (a folder or a ``.onnx`` path) says otherwise.
@@ -125,7 +187,8 @@ def export(
     Verification (``verify``) writes ``<file>.verify.json`` beside the requested file: parity against the unmerged
     PyTorch model on real images, node counts against the plain base's export, size, median latency over ``runs``
     runs on ``threads`` onnxruntime threads (1: stable numbers on a busy machine, like a small edge CPU), and with
-    ``val`` the mAP of every file and of the PyTorch model on ``data``.
+    ``val`` the mAP of every file and of the PyTorch model on ``data``, whose class names must be the adapter's
+    unless ``check_names=False``. The files appear together: a failed export leaves ``out`` as it was.
     """
     if str(format).lower() not in FORMATS:
         raise ValueError(f"Unsupported export format '{format}'. visionpeft exports {list(FORMATS)}; for other "
@@ -141,26 +204,23 @@ def export(
         raise ValueError("INT8 calibrates on real images: pass data=<dataset YAML or name> (its train split is used).")
     if val and data is None:
         raise ValueError("val needs a dataset: pass data=<dataset YAML or name>.")
+    if data is not None:
+        ensure_fonts()  # Ultralytics' check_det_dataset (calibration images, val) would download Arial.ttf
     with tempfile.TemporaryDirectory(prefix="visionpeft-export-") as tmp:
         data_yaml = resolve_dataset(data, tmp) if data is not None else None  # names like 'crop_weed' work too
         return _export(base, adapter, meta, precision, imgsz, dynamic, opset, val, data_yaml, str(data or ""), out,
-                       verify, calib, runs, threads)
+                       verify, calib, runs, threads, check_names)
 
 
 def _export(base, adapter: Path, meta: dict, precision: str, imgsz: list[int], dynamic: bool, opset: int | None,
             val: bool, data: Path | None, data_name: str, out: str | Path | None, verify: bool, calib: int, runs: int,
-            threads: int | None) -> ExportResult:
+            threads: int | None, check_names: bool) -> ExportResult:
     from ultralytics.nn.tasks import DetectionModel
     from ultralytics.utils import LOGGER
 
     from .. import __version__
 
-    try:
-        model = load_base(base)
-    except FileNotFoundError as e:
-        hint = "" if meta.get("base") is None or str(base) != meta.get("base") else (
-            "\nThe adapter records this base path from training; pass base=<path> if the weights moved.")
-        raise FileNotFoundError(f"{e}{hint}") from e
+    model = load_base(base)
     if not isinstance(model, DetectionModel):
         raise TypeError(f"ONNX export supports Ultralytics YOLO detectors; '{base}' is a {type(model).__name__}.")
     plain = copy.deepcopy(model) if verify else None  # the base export the adapted one is compared with
@@ -168,6 +228,8 @@ def _export(base, adapter: Path, meta: dict, precision: str, imgsz: list[int], d
     state = peft_state(model)
     name = state["active"]
     info = state["adapters"][name]
+    if data is not None and check_names:
+        check_class_names(model.names, data, fix=NAMES_FIX)
     merged = merge(model)
     mergeable = not any(True for _ in adapted_modules(merged))
     metadata = {
@@ -179,16 +241,18 @@ def _export(base, adapter: Path, meta: dict, precision: str, imgsz: list[int], d
 
     out = Path(out) if out is not None else adapter.parent
     fp32_path = out if out.suffix == ".onnx" else out / f"{adapter.stem}.onnx"
-    files = {"fp32": export_onnx(merged, fp32_path, imgsz=imgsz, dynamic=dynamic, opset=opset, metadata=metadata,
-                                 data=data_name or None)}
-    imgsz = _imgsz(read_metadata(files["fp32"])["imgsz"])  # the exporter may round to the model's stride
-    if precision == "fp16":
-        files["fp16"] = to_fp16(files["fp32"], fp32_path.with_name(f"{fp32_path.stem}_fp16.onnx"))
-    elif precision == "int8":
-        calibration = [letterbox(p, imgsz) for p in split_images(data, "train", calib)]
-        files["int8"] = to_int8(files["fp32"], fp32_path.with_name(f"{fp32_path.stem}_int8.onnx"), calibration)
-    if precision != "fp32":
-        update_metadata(files[precision], {"precision": precision})
+    with _staged(fp32_path.parent) as stage:
+        staged = {"fp32": export_onnx(merged, stage / fp32_path.name, imgsz=imgsz, dynamic=dynamic, opset=opset,
+                                      metadata=metadata, data=data_name or None)}
+        imgsz = _imgsz(read_metadata(staged["fp32"])["imgsz"])  # the exporter may round to the model's stride
+        if precision == "fp16":
+            staged["fp16"] = to_fp16(staged["fp32"], stage / f"{fp32_path.stem}_fp16.onnx")
+        elif precision == "int8":
+            calibration = [letterbox(p, imgsz) for p in split_images(data, "train", calib)]
+            staged["int8"] = to_int8(staged["fp32"], stage / f"{fp32_path.stem}_int8.onnx", calibration)
+        if precision != "fp32":
+            update_metadata(staged[precision], {"precision": precision})
+        files = {k: replace_file(v, fp32_path.parent / v.name) for k, v in staged.items()}
     result = ExportResult(file=files[precision], files=files, adapter=name,
                           metadata={**metadata, "precision": precision})
     LOGGER.info(f"visionpeft: exported adapter '{name}' merged into '{base}': "

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from ..io import atomic_write_bytes
+from .onnx import telemetry_off
 
 #: ops whose weights make them worth quantizing; the decode tail is what no such op follows
 WEIGHTED_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
@@ -130,6 +131,7 @@ def to_int8(src: str | Path, dst: str | Path, calibration: Sequence[np.ndarray],
 
     if not calibration:
         raise ValueError("INT8 calibration needs at least one image.")
+    telemetry_off()  # calibration runs onnxruntime sessions
     model = onnx.load(str(src))
     reader = _reader(model.graph.input[0].name, calibration)
     exclude = float_nodes(model, keep_first_conv)

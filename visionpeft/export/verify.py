@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..io import atomic_write_bytes
+from .onnx import telemetry_off
 
 #: largest fp32 output difference accepted, relative to the output's scale (its largest magnitude)
 PARITY_LIMIT = 1e-4
@@ -37,6 +38,7 @@ def graph_stats(path: str | Path) -> dict:
 def _session(path: str | Path, threads: int | None):
     import onnxruntime as ort
 
+    telemetry_off()
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
@@ -102,6 +104,7 @@ def val_onnx(path: str | Path, data: str | Path) -> dict:
     """mAP of an ONNX file through Ultralytics val (at its export size; letterboxed square, batch 1)."""
     from ultralytics import YOLO
 
+    telemetry_off()  # Ultralytics' AutoBackend opens its own onnxruntime session
     with tempfile.TemporaryDirectory() as tmp:
         metrics = YOLO(str(path), task="detect").val(data=str(data), batch=1, rect=False, workers=0, plots=False,
                                                      verbose=False, device="cpu", project=tmp, name="val")

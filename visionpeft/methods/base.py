@@ -14,6 +14,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from . import checks
+
 
 @dataclass
 class AdapterConfig:
@@ -37,8 +39,39 @@ class AdapterConfig:
     rank_pattern: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if isinstance(self.layers, str):
-            self.layers = parse_layers(self.layers)
+        self.target_modules = checks.names(self, "target_modules", self.target_modules, regex=True)
+        self.target_types = checks.names(self, "target_types", self.target_types, regex=False)
+        self.exclude_modules = checks.names(self, "exclude_modules", self.exclude_modules or [], regex=True,
+                                            allow_none=False)
+        self.layers = self._checked_layers(self.layers)
+        self.rank_pattern = self._checked_rank_pattern(self.rank_pattern or {})
+
+    def _checked_layers(self, layers: Any) -> list[int] | None:
+        if layers is None:
+            return None
+        if isinstance(layers, str):
+            try:
+                layers = parse_layers(layers)
+            except ValueError as e:
+                raise ValueError(f"{type(self).__name__}.{e}") from None
+        elif isinstance(layers, int) and not isinstance(layers, bool):
+            layers = [layers]
+        if not isinstance(layers, (list, tuple)) or not layers:
+            raise checks.fail(self, "layers", "a non-empty list of layer indices >= 0 or a string such as '5-23'",
+                              layers)
+        return [checks.integer(self, "layers", i, 0) for i in layers]
+
+    def _checked_rank_pattern(self, pattern: Any) -> dict[str, int]:
+        if not isinstance(pattern, dict):
+            raise checks.fail(self, "rank_pattern", "a mapping {regex: rank}, e.g. {'cv2': 4}", pattern)
+        if pattern and "r" not in {f.name for f in fields(self)}:
+            raise ValueError(f"{type(self).__name__}.rank_pattern sets ranks, but method '{self.method}' has no "
+                             "rank; use it with lora, dora or bottleneck.")
+        for key in pattern:
+            if not isinstance(key, str) or not key:
+                raise checks.fail(self, "rank_pattern", "a mapping with regex or suffix keys", pattern)
+            checks.pattern(self, "rank_pattern", key)
+        return {k: checks.integer(self, f"rank_pattern[{k!r}]", r, 1) for k, r in pattern.items()}
 
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, **asdict(self)}
@@ -61,9 +94,13 @@ def parse_layers(spec: str) -> list[int]:
     try:
         for part in spec.replace(" ", "").split(","):
             lo, _, hi = part.partition("-")
-            out.extend(range(int(lo), int(hi or lo) + 1))
+            lo, hi = int(lo), int(hi or lo)
+            if hi < lo:
+                raise ValueError
+            out.extend(range(lo, hi + 1))
     except ValueError:
-        raise ValueError(f"layers={spec!r}: give indices and ranges such as '5-23' or '0,1,9-12'.") from None
+        raise ValueError(f"layers must be indices and ascending ranges such as '5-23' or '0,1,9-12', got {spec!r}") \
+            from None
     return out
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from . import checks
 from .base import Adapter, AdapterConfig, full_precision
 
 ACTIVATIONS = {"silu": nn.SiLU, "relu": nn.ReLU, "gelu": nn.GELU}
@@ -28,9 +29,15 @@ class BottleneckConfig(AdapterConfig):
     scale: float = 1.0
     needs_shapes = True
 
-    def build(self, base: nn.Module, r: int, shapes: tuple[torch.Size, torch.Size]) -> Adapter:
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.r = checks.integer(self, "r", self.r, 1)
         if self.act not in ACTIVATIONS:
-            raise ValueError(f"Unknown bottleneck activation '{self.act}'. Choose one of {sorted(ACTIVATIONS)}.")
+            raise checks.fail(self, "act", f"one of {sorted(ACTIVATIONS)}", self.act)
+        # a zero scale times the zero-initialised up projection gives every adapter weight a zero gradient
+        self.scale = checks.number(self, "scale", self.scale, "!= 0", lambda v: v != 0)
+
+    def build(self, base: nn.Module, r: int, shapes: tuple[torch.Size, torch.Size]) -> Adapter:
         in_shape, out_shape = shapes
         if len(in_shape) == 4:
             stride = max(1, in_shape[-1] // out_shape[-1])

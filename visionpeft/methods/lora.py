@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import checks
 from .base import Adapter, AdapterConfig, full_precision
 
 
@@ -26,6 +27,12 @@ class LoraConfig(AdapterConfig):
     r: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.r = checks.integer(self, "r", self.r, 1)
+        self.alpha = checks.number(self, "alpha", self.alpha, "> 0", lambda v: v > 0)
+        self.dropout = checks.number(self, "dropout", self.dropout, "in [0, 1)", lambda v: 0 <= v < 1)
 
     def build(self, base: nn.Module, r: int) -> Adapter:
         return LoraAdapter(base, r=r, alpha=self.alpha, dropout=self.dropout)

@@ -5,6 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, NoReturn
+
+if TYPE_CHECKING:
+    from .config import RunConfig
 
 EPILOG = """\
 overrides (key=value, Ultralytics style; they win over the config file):
@@ -18,8 +22,37 @@ The run directory (Ultralytics' runs/detect/<name>) gets Ultralytics' outputs, w
 """
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line (argparse prints the usage block first)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise SystemExit(usage_error(self.prog, f"{message} (see {self.prog} --help)"))
+
+
+def usage_error(prog: str, message: object) -> int:
+    """Print ``prog: error: message`` as one line on stderr (multi-line messages, such as YAML parser errors, are
+    joined) and return the usage-error exit status, 2."""
+    text = " ".join(line.strip() for line in str(message).splitlines() if line.strip())
+    print(f"{prog}: error: {text}", file=sys.stderr)
+    return 2
+
+
+def check_adapter_targets(config: RunConfig) -> None:
+    """Inject the config's adapters into its base once, as the trainer's ``get_model`` will, so that a base that
+    cannot be built or targets that match no module (``peft.methods.0.layers=99``) fail before Ultralytics makes
+    the run folder. Costs one base load (under a second for yolo11n.pt)."""
+    from ..inject import inject
+    from ..models import load_base
+    from .data import load_dataset
+
+    data = load_dataset(config.data)[0]
+    names = data.get("names") or [f"class_{i}" for i in range(int(data["nc"]))]
+    base = load_base(config.model, nc=len(names))
+    inject(base, config.peft.configs(), adapter_name=config.peft.adapter_name, names=names)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="visionpeft-train", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Train adapters (LoRA, DoRA, bottleneck) on an Ultralytics YOLO base through the Ultralytics "
                     "training pipeline.")
@@ -27,18 +60,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (see below)")
     args = parser.parse_args(argv)
 
-    from .config import ConfigError, load_config, parse_overrides
+    from .config import load_config, parse_overrides
     from .run import find_last_checkpoint, train
+    from .runlock import RunFolderLockedError
 
     try:
         overrides = parse_overrides(args.overrides)
         config = load_config(args.cfg, overrides)
         if config.train.get("resume"):
             find_last_checkpoint(config, config.train["resume"])
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"visionpeft-train: error: {e}", file=sys.stderr)
-        return 2
-    train(args.cfg, **overrides)
+        else:
+            check_adapter_targets(config)
+    except (ValueError, TypeError, FileNotFoundError) as e:  # config, dataset, weights and target checks
+        return usage_error(parser.prog, e)
+    try:
+        train(args.cfg, **overrides)
+    except RunFolderLockedError as e:  # another live run holds the folder: nothing was written
+        usage_error(parser.prog, e)
+        return 1
     return 0
 
 

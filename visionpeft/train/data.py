@@ -9,6 +9,8 @@ otherwise send it to the YAML's ``download:`` and to Ultralytics' own ``datasets
 
 from __future__ import annotations
 
+import glob
+import os
 from pathlib import Path
 from typing import Any
 
@@ -70,26 +72,88 @@ def _dataset_root(data: dict, source: Path) -> Path:
     return root
 
 
+def image_files(entry: Path) -> list[str]:
+    """The images Ultralytics reads for one ``train:``/``val:`` entry: a folder (searched recursively) or a text
+    file listing image paths (``./`` relative to it). Mirrors ``ultralytics.data.base.BaseDataset.get_img_files``."""
+    from ultralytics.data.utils import IMG_FORMATS
+
+    if entry.is_dir():
+        found = glob.glob(str(Path(glob.escape(entry)) / "**" / "*.*"), recursive=True)
+    else:
+        try:
+            lines = entry.read_text(encoding="utf-8-sig").strip().splitlines()
+        except UnicodeDecodeError:
+            lines = []  # an image or other binary file: Ultralytics expects a folder or a text list here
+        parent = str(entry.parent) + os.sep
+        found = [x.replace("./", parent, 1) if x.startswith("./") else x for x in lines]
+    return sorted(x for x in found if x.rpartition(".")[-1].lower() in IMG_FORMATS)
+
+
 def check_dataset_files(data: dict, source: Path, uses_assets: bool = False) -> None:
-    """Raise if the dataset root or its train/val images are missing, naming where it looked."""
+    """Raise if the dataset root, its train/val images or all train labels are missing, naming where it looked.
+
+    Ultralytics would fail on these only after making the run folder, with a long traceback.
+    """
+    from ultralytics.data.utils import IMG_FORMATS, img2label_paths
+
     root = _dataset_root(data, source)
     hint = (f"Set {settings.ASSETS_ENV} to the folder holding datasets/ (now: {settings.assets_dir()})"
             if uses_assets else "Fix the paths in the data YAML")
     if not root.is_dir():
         raise FileNotFoundError(f"Dataset folder '{root}' (from {source}) not found. {hint}.")
+    if data.get("names") is None and data.get("nc") is None:
+        raise ValueError(f"{source}: the 'names:' key is missing; list the class names, e.g. names: {{0: crop, 1: "
+                         "weed}.")
     for split in ("train", "val"):
         entries = data.get(split)
         if not entries:
             raise ValueError(f"{source}: the '{split}:' key is missing; a data YAML needs 'train' and 'val'.")
+        images = []
         for entry in entries if isinstance(entries, list) else [entries]:
-            if not (root / entry).exists():
-                raise FileNotFoundError(f"Dataset '{source.name}': {split} images '{root / entry}' not found. {hint}.")
+            path = root / entry
+            if not path.exists():
+                raise FileNotFoundError(f"Dataset '{source.name}': {split} images '{path}' not found. {hint}.")
+            found = image_files(path)
+            if not found:
+                what = "folder" if path.is_dir() else "list"
+                raise FileNotFoundError(
+                    f"Dataset '{source.name}': the {split} images {what} '{path}' holds no images "
+                    f"({', '.join(sorted(IMG_FORMATS))}). Put the {split} images there, or point '{split}:' in "
+                    f"{source} at the folder that holds them.")
+            images += found
+        # Ultralytics refuses a train split without a single label file (a val split only warns)
+        if split == "train" and not any(os.path.isfile(f) for f in img2label_paths(images)):
+            raise FileNotFoundError(
+                f"Dataset '{source.name}': none of the {len(images)} train images has a label file (for "
+                f"'{images[0]}' that is '{img2label_paths(images[:1])[0]}'). Put one YOLO .txt file per image in a "
+                "'labels' folder beside 'images' (images/a.jpg -> labels/a.txt).")
+
+
+def dropped_images(dataset: Any) -> int | None:
+    """How many images of an Ultralytics YOLO dataset its label scan dropped (corrupt image or bad label).
+
+    Ultralytics only logs them (its ``.cache`` file counts them, but loading it would unpickle a file a user may
+    have placed): the images its folders hold, picked as ``BaseDataset.get_img_files`` picks them (sorted, then
+    ``fraction``), minus the ones it kept (``im_files``, rewritten by ``YOLODataset.get_labels``). ``None`` for
+    a dataset of another kind.
+    """
+    img_path, kept = getattr(dataset, "img_path", None), getattr(dataset, "im_files", None)
+    if img_path is None or kept is None:
+        return None
+    found = sorted(x.replace("/", os.sep) for p in (img_path if isinstance(img_path, list) else [img_path])
+                   for x in image_files(Path(p)))
+    fraction = getattr(dataset, "fraction", 1.0)
+    count = fraction if isinstance(fraction, int) else max(1, round(len(found) * fraction))
+    return len(set(found[:count]) - set(kept))
 
 
 def load_dataset(data: str | Path) -> tuple[dict, Path]:
     """The data YAML as a dict with ``${assets}`` resolved and its files checked, and where it was found."""
     source = find_dataset_yaml(data)
-    raw = yaml.safe_load(source.read_text()) or {}
+    try:
+        raw = yaml.safe_load(source.read_text()) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ValueError(f"{source} is not a valid data YAML: {' '.join(str(e).split())}") from None
     if not isinstance(raw, dict):
         raise ValueError(f"{source} is not a data YAML (a mapping with path, train, val, names).")
     assets = str(settings.assets_dir())
@@ -111,3 +175,33 @@ def resolve_dataset(data: str | Path, out_dir: str | Path) -> Path:
     header = f"# Written by visionpeft from {source} with {PLACEHOLDER} = {settings.assets_dir()}\n"
     text = header + yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True)
     return atomic_write_bytes(Path(out_dir) / RESOLVED_NAME, text.encode())
+
+
+def class_names(names: Any, nc: int | None = None) -> list[str]:
+    """Class names as a list by index, from a list or an ``{index: name}`` dict (a data YAML's ``names:``, a
+    model's ``names``); without names, Ultralytics' ``class0``, ``class1``, ..."""
+    if isinstance(names, dict):
+        return [str(names[k]) for k in sorted(names, key=int)]
+    if names:
+        return [str(n) for n in names]
+    return [f"class{i}" for i in range(nc or 0)]
+
+
+NAMES_FIX = "pass the dataset it was trained on, or allow it explicitly (check_names=False)"
+
+
+def check_class_names(expected: Any, data: str | Path, fix: str = NAMES_FIX) -> None:
+    """Raise ValueError (one line, naming both lists) if the dataset ``data`` (a data YAML path or name) has other
+    class names than ``expected`` (a model's or an adapter's). Evaluating on other classes gives a meaningless,
+    near-zero mAP rather than an error, so callers check first."""
+    resolved, source = load_dataset(data)
+    want, got = class_names(expected), class_names(resolved.get("names"), resolved.get("nc"))
+    if want == got:
+        return
+    differ = next((i for i, (a, b) in enumerate(zip(want, got, strict=False)) if a != b), min(len(want), len(got)))
+
+    def show(names: list[str]) -> str:
+        return str(names) if len(names) <= 10 else f"{names[:8]} ... ({len(names)} classes)"
+
+    raise ValueError(f"The model's classes {show(want)} differ from those of '{source}' {show(got)} (first "
+                     f"difference at class {differ}); its mAP there would be meaningless: {fix}.")

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..io import atomic_write_bytes
+from .data import dropped_images
 
 SUMMARY_NAME = "peft_summary.json"
 MAP50, MAP50_95 = "metrics/mAP50(B)", "metrics/mAP50-95(B)"
@@ -39,6 +40,8 @@ class RunSummary:
     peak_rss_mib: float
     peak_gpu_mib: float | None
     device: str
+    # images Ultralytics' dataset scan dropped (corrupt image or bad label), {"train": n, "val": n}
+    dropped_images: dict[str, int] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -67,6 +70,10 @@ class RunSummary:
                             + (f", {self.peak_gpu_mib:,.0f} MiB GPU" if self.peak_gpu_mib is not None else "")),
             ("device", self.device),
         ]
+        if self.dropped_images and any(self.dropped_images.values()):
+            counts = ", ".join(f"{split} {n}" for split, n in self.dropped_images.items())
+            rows.append(("dropped images", f"{counts}   (corrupt images or bad labels: see the dataset scan "
+                                           "warnings above)"))
         w = max(len(k) for k, _ in rows)
         return "\n".join(f"{k:<{w}}  {v}" for k, v in rows)
 
@@ -106,6 +113,8 @@ def summarize(trainer, epoch_seconds: list[float], train_seconds: float) -> RunS
     ckpt = wdir / ("best.pt" if adapter is not None and adapter.stem == "best" else "last.pt")
     report = trainer.trainable
     device = trainer.device
+    loaders = {"train": getattr(trainer, "train_loader", None), "val": getattr(trainer, "test_loader", None)}
+    dropped = {split: dropped_images(loader.dataset) for split, loader in loaders.items() if loader is not None}
     peak_gpu = (torch.cuda.max_memory_allocated(device) / 2**20
                 if device.type == "cuda" and torch.cuda.is_available() else None)
     return RunSummary(
@@ -126,4 +135,5 @@ def summarize(trainer, epoch_seconds: list[float], train_seconds: float) -> RunS
         peak_rss_mib=peak_rss_mib(),
         peak_gpu_mib=peak_gpu,
         device=str(device) if device.type != "cuda" else f"{device} ({torch.cuda.get_device_name(device)})",
+        dropped_images={split: n for split, n in dropped.items() if n is not None} or None,
     )

@@ -15,7 +15,10 @@ AMP, progress bars, ``results.csv``). The overrides below handle what full fine-
   ``last.safetensors`` in float32 (for resume; the ``.pt`` files hold an fp16 copy of the EMA) and
   ``best.safetensors``, the task's deliverable, in float16;
 * ``resume_training`` (and NaN recovery) restore the exact fp32 base weights, and the fp32 adapter, that the fp16
-  checkpoint rounded;
+  checkpoint rounded; with ``last.state.safetensors`` (:mod:`.resume_state`: random generators, shuffle, mosaic
+  buffer, accumulated gradients, fp32 optimizer state) a resumed run continues exactly as if never stopped;
+* ``check_resume`` (where Ultralytics settles the args, before it writes to the run folder) locks the run folder
+  for this run (:mod:`.runlock`) until ``train`` ends;
 * ``get_dataset`` finds data YAMLs in the repo's ``datasets/`` and resolves their ``${assets}`` paths;
 * nothing downloads: a local font stands in for ``Arial.ttf`` and the AMP check runs on the model being trained.
 """
@@ -32,7 +35,7 @@ import torch
 from torch import nn
 from ultralytics.models.yolo.detect import DetectionTrainer
 from ultralytics.nn.tasks import DetectionModel
-from ultralytics.utils import DEFAULT_CFG, LOGGER
+from ultralytics.utils import DEFAULT_CFG, LOGGER, RANK
 from ultralytics.utils.torch_utils import unwrap_model
 
 from ..inject import (
@@ -47,6 +50,7 @@ from ..inject import (
 from ..io import AdapterFileError, adapter_state_dict, load_adapter_tensors, read_adapter, save_adapter
 from ..methods import LoraConfig, config_from_dict
 from ..models import build_detector, load_base
+from . import resume_state, runlock
 from .data import resolve_dataset
 from .offline import ensure_fonts, offline_amp_check
 
@@ -119,13 +123,41 @@ class PeftDetectionTrainer(DetectionTrainer):
     ``visionpeft.inject``) trains its active adapter; otherwise the default spec (LoRA r=8) is injected.
     """
 
+    _accumulate = 1
+    _resume_gate: int | None = None  # the interrupted run's last optimizer step, until the resumed run's first
+
     def __init__(self, cfg=DEFAULT_CFG, overrides: dict[str, Any] | None = None, _callbacks=None,
                  peft: PeftSpec | dict | None = None) -> None:
         self._peft_given = peft is not None
         self.peft = peft if isinstance(peft, PeftSpec) else PeftSpec.from_dict(peft or {})
         self.trainable = None  # the TrainableReport, once the optimizer is built
+        self.lock: Path | None = None  # the run folder's lock file, held until train() ends
+        self._passes: resume_state.PassRecorder | None = None  # the train loader's shuffle, for the state file
+        self._batch_i, self._last_opt_step = -1, -1  # batch index in the epoch; `ni` of the last optimizer step
+        self._resume_streams: tuple[dict, dict] | None = None  # state file contents for the first resumed epoch
+        self._resume_albumentations: list | None = None
         ensure_fonts()  # before get_dataset(), whose check_font would download Arial.ttf
-        super().__init__(cfg, overrides, _callbacks)
+        try:
+            super().__init__(cfg, overrides, _callbacks)
+        except BaseException:
+            runlock.release(self.lock)
+            raise
+        self.add_callback("on_train_epoch_start", PeftDetectionTrainer._epoch_started)
+        self.add_callback("on_train_batch_start", PeftDetectionTrainer._batch_started)
+
+    # -- run folder --------------------------------------------------------------------------------------------
+    def check_resume(self, overrides) -> None:
+        """Ultralytics settles the args (the checkpoint's on resume) here, first thing in ``BaseTrainer.__init__``,
+        which then writes ``args.yaml`` and deletes a stale ``results.csv`` in the run folder: lock it first."""
+        super().check_resume(overrides)
+        if RANK == -1:  # DDP workers: the launching process holds the lock
+            self.lock = runlock.lock_run_folder(self.args)
+
+    def train(self) -> None:
+        try:
+            super().train()
+        finally:
+            runlock.release(self.lock)
 
     # -- data --------------------------------------------------------------------------------------------------
     def get_dataset(self) -> dict:
@@ -133,7 +165,23 @@ class PeftDetectionTrainer(DetectionTrainer):
             self.args.data = str(resolve_dataset(self.args.data, self.save_dir))
         return super().get_dataset()
 
+    def get_dataloader(self, dataset_path, batch_size=16, rank=0, mode="train"):
+        loader = super().get_dataloader(dataset_path, batch_size, rank, mode)
+        if mode == "train":
+            self._passes = resume_state.record_passes(loader)
+        return loader
+
     # -- model -------------------------------------------------------------------------------------------------
+    def setup_model(self):
+        """Mirrors ``BaseTrainer.setup_model`` for a fresh run from a ``.pt`` base, loading it with visionpeft's
+        restricted unpickler instead of Ultralytics' ``load_checkpoint`` (``weights_only=False``), so a base file
+        cannot run code. Resume (``last.pt``, a file this trainer wrote) and the other cases stay Ultralytics'."""
+        if self.resume or isinstance(self.model, nn.Module) or not str(self.model).lower().endswith(".pt"):
+            return super().setup_model()
+        weights = load_base(self.model)
+        self.model = self.get_model(cfg=weights.yaml, weights=weights, verbose=RANK in {-1, 0})
+        return None
+
     def get_model(self, cfg=None, weights=None, verbose: bool = True) -> DetectionModel:
         if weights is not None and hasattr(weights, STATE_ATTR):  # resume (last.pt), or adapters injected by hand
             model = copy.deepcopy(weights).float()
@@ -206,6 +254,41 @@ class PeftDetectionTrainer(DetectionTrainer):
         LOGGER.info(f"visionpeft: optimizer gets {n:,} trainable parameters (lr x{self.peft.lr_mult:g})")
         return optimizer
 
+    @property
+    def accumulate(self) -> int:
+        """Batches per optimizer step. Ultralytics' ``_do_train`` steps when ``ni - last_opt_step >= accumulate``,
+        ``last_opt_step`` a local that a resumed run starts at -1; until its first step, the interrupted run's
+        last step is added, so the resumed run steps on the batches the uninterrupted run would."""
+        return self._accumulate + (0 if self._resume_gate is None else self._resume_gate + 1)
+
+    @accumulate.setter
+    def accumulate(self, value: int) -> None:
+        self._accumulate = value
+
+    def optimizer_step(self) -> None:
+        self._last_opt_step = self._batch_i + len(self.train_loader) * self.epoch  # Ultralytics' `ni`
+        self._resume_gate = None
+        super().optimizer_step()
+
+    def _batch_started(self) -> None:
+        self._batch_i += 1
+
+    def _epoch_started(self) -> None:
+        """Callback: on the first resumed epoch, put back the random streams and gradients of the interrupted
+        run, after Ultralytics' ``optimizer.zero_grad()`` and before the first batch is drawn."""
+        self._batch_i = -1
+        if self._resume_streams is not None and self.epoch == self.start_epoch:
+            tensors, meta = self._resume_streams
+            self._resume_streams = None
+            self._resume_albumentations = resume_state.restore_epoch_start(self, tensors, meta, self._passes)
+            self._last_opt_step = self._resume_gate = meta["last_opt_step"]
+
+    def _close_dataloader_mosaic(self) -> None:
+        super()._close_dataloader_mosaic()
+        saved, self._resume_albumentations = self._resume_albumentations, None
+        if saved is not None:  # the interrupted run's augmentation streams, onto the transforms just rebuilt
+            resume_state.restore_albumentations(self.train_loader.dataset.transforms, saved)
+
     def _model_train(self) -> None:
         super()._model_train()
         for m in frozen_norm_modules(unwrap_model(self.model)):
@@ -221,6 +304,22 @@ class PeftDetectionTrainer(DetectionTrainer):
         if self.ema:  # the EMA came back from fp16 too
             copy_base_tensors(self.ema.ema, model)
         self._load_fp32_adapter(Path(self.args.model).with_suffix(".safetensors"), int(ckpt["epoch"]), targets)
+        self._load_train_state(resume_state.state_path(self.args.model), int(ckpt["epoch"]), model)
+
+    def _load_train_state(self, path: Path, epoch: int, model: nn.Module) -> None:
+        """The trained model's fp32 adapter and optimizer state now; the random streams at the first epoch."""
+        try:
+            tensors, meta = resume_state.read(path)
+        except ValueError as e:
+            LOGGER.warning(f"visionpeft: {e}; the resumed run continues from the EMA weights with fresh random "
+                           "streams, so it will not repeat the uninterrupted run exactly.")
+            return
+        if meta.get("epoch") != epoch:
+            LOGGER.warning(f"visionpeft: '{path}' is of epoch {meta.get('epoch')}, the checkpoint of epoch {epoch}; "
+                           "the resumed run will not repeat the uninterrupted run exactly.")
+            return
+        resume_state.restore_weights(tensors, model, self.peft.adapter_name, self.optimizer)
+        self._resume_streams = tensors, meta
 
     def _load_fp32_adapter(self, path: Path, epoch: int, targets: list[nn.Module]) -> None:
         """Replace the checkpoint's fp16-rounded adapter by the fp32 file saved with it (same epoch only)."""
@@ -262,6 +361,8 @@ class PeftDetectionTrainer(DetectionTrainer):
         is_best = tmp_best.exists()
         extra = {"epoch": self.epoch, "fitness": None if self.fitness is None else float(self.fitness)}
         save_adapter(self.ema.ema, last.with_suffix(".safetensors"), extra=extra)
+        state = resume_state.capture(self, unwrap_model(self.model), self._last_opt_step, self._passes)
+        resume_state.save(resume_state.state_path(last), state)
         os.replace(tmp_last, last)
         if is_best:
             # the per-task deliverable, in fp16 like Ultralytics' best.pt; last.safetensors stays fp32 for resume
