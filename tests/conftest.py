@@ -7,18 +7,47 @@ Models are tiny real networks: Ultralytics YAML builds and the COCO-pretrained c
 from __future__ import annotations
 
 import copy
+import os
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 
-import pytest
-import torch
-from torch import nn
 
-import visionpeft as vp
-from visionpeft.inject import adapted_modules
+def _user_settings_file() -> Path:
+    """Where Ultralytics keeps the user's settings (as ultralytics.utils.get_user_config_dir finds it on Linux)."""
+    env = os.environ.get("YOLO_CONFIG_DIR")
+    config = Path(env).expanduser() if env else Path(os.environ.get("XDG_CONFIG_HOME", Path.home() / ".config"))
+    return config / "Ultralytics" / "settings.json"
+
+
+def _snapshot(path: Path) -> bytes | None:
+    return path.read_bytes() if path.is_file() else None
+
+
+# Before Ultralytics is imported anywhere: its first import writes settings.json (runs_dir, datasets_dir, ...
+# fixed under the current directory), so the suite gets a settings folder of its own and the user's stays as it was.
+USER_SETTINGS = _user_settings_file()
+USER_SETTINGS_BEFORE = _snapshot(USER_SETTINGS)
+TEST_CONFIG_DIR = Path(tempfile.mkdtemp(prefix="visionpeft-tests-ultralytics-"))
+os.environ["YOLO_CONFIG_DIR"] = str(TEST_CONFIG_DIR)  # subprocesses of the tests inherit it
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+import visionpeft as vp  # noqa: E402
+from visionpeft.inject import adapted_modules  # noqa: E402
 
 IMGSZ = 64
 VIT = "timm:vit_tiny_patch16_224"
 VIT_KWARGS = {"img_size": IMGSZ, "num_classes": 5}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def user_settings_untouched():
+    """After the whole session, the user's Ultralytics settings file is byte for byte what it was."""
+    yield
+    assert _snapshot(USER_SETTINGS) == USER_SETTINGS_BEFORE, f"the test suite changed {USER_SETTINGS}"
 
 
 @pytest.fixture(scope="session")

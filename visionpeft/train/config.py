@@ -190,6 +190,23 @@ def check_train_args(train: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def runs_project(project: str | None = None, task: str = "detect") -> str | None:
+    """The ``project`` folder of a run: README's rule, ``./runs/<task>`` under the current directory.
+
+    Ultralytics puts runs under its ``runs_dir`` setting, which its first call on a machine fixes under that call's
+    directory (a test run in a deleted clone would keep receiving every later run). Only a ``runs_dir`` the user
+    set on purpose, i.e. a folder not named ``runs`` (``yolo settings runs_dir=/data/experiments``), is followed:
+    then this returns ``project`` unchanged and Ultralytics resolves it. A relative ``project`` goes under
+    ``./runs/<task>`` as Ultralytics would put it under ``runs_dir/<task>``.
+    """
+    from ultralytics.utils import SETTINGS
+
+    if Path(SETTINGS["runs_dir"]).name != "runs" or (project and Path(project).expanduser().is_absolute()):
+        return project
+    base = Path.cwd() / "runs" / task
+    return str(base / project if project else base)
+
+
 def build_config(raw: Mapping[str, Any], source: Path | None = None, check_files: bool = True) -> RunConfig:
     """Check a raw config dict, section by section, and resolve its files (``check_files``)."""
     where = f" in {source}" if source else ""
@@ -216,6 +233,9 @@ def build_config(raw: Mapping[str, Any], source: Path | None = None, check_files
     if not isinstance(train, Mapping):
         raise ConfigError(f"'train:' must be a mapping of Ultralytics train arguments, not {train!r}.")
     train = check_train_args(train)
+    project = runs_project(train.get("project"))
+    if project is not None:
+        train["project"] = project
     if check_files:
         if str(model).endswith(".pt"):
             model = str(resolve_weights(model))
