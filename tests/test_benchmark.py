@@ -56,3 +56,161 @@ def test_shipped_benchmark_configs_are_valid(name, tmp_path):
         config = load_config(run_config(cfg, run, tmp_path))
         if (cfg["runs"][run] or {}).get("kind", "peft") == "peft":
             assert config.peft.methods, run
+
+
+# The multi-domain benchmark (configs/bench_domains.yaml): one worker run per (domain, method, seed).
+
+DOMAINS_YAML = """\
+base: coco8_smoke.yaml
+train: {epochs: 1, imgsz: 64, batch: 4, workers: 0, plots: false, optimizer: AdamW, lr0: 0.0005}
+seeds: [0, 1]
+domains:
+  coco8: {data: coco8.yaml}
+runs:
+  full: {kind: full}
+  lora_r4: {peft: {methods: [{method: lora, r: 4, alpha: 8}]}}
+"""
+
+
+def _domains_cfg(tmp_path, text: str = DOMAINS_YAML):
+    path = tmp_path / "domains.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_domain_benchmark_end_to_end_quick_and_resume(tmp_path, capsys):
+    """quick=true runs seed 0 of each (domain, method) in its own folder, reports the ratio to full fine-tuning, and
+    the same command skips finished runs; a changed budget is refused before anything runs."""
+    from visionpeft.bench.cli import main
+    from visionpeft.bench.domains import load_domain_config, out_dir, plan
+
+    cfg_file = _domains_cfg(tmp_path)
+    args = ["--cfg", str(cfg_file), f"project={tmp_path}", "name=d", "quick=true"]
+    assert main(args) == 0
+    out = tmp_path / "d"
+    for run in ("full_s0", "lora_r4_s0"):
+        assert (out / "coco8" / run / "bench_result.json").is_file(), run
+        assert (out / "coco8" / run / "weights" / "best.pt").is_file(), run
+    assert not (out / "coco8" / "full_s1").exists()  # quick: the first seed only
+    rows = {r["method"]: r for r in csv.DictReader((out / "results_domains.csv").open())}
+    full, lora = rows["full"], rows["lora_r4"]
+    assert float(full["ratio_mean"]) == 1.0 and full["n_ratios"] == "1" and full["seeds"] == "0"
+    assert (lora["epochs"], lora["imgsz"], lora["train_images"]) == ("1", "64", "4")
+    lora_map = json.loads((out / "coco8" / "lora_r4_s0" / "bench_result.json").read_text())["mAP50-95"]
+    full_map = json.loads((out / "coco8" / "full_s0" / "bench_result.json").read_text())["mAP50-95"]
+    assert full_map > 0 and lora_map != full_map  # lr0: one step moves them apart, so the ratio is not trivially 1
+    assert float(lora["ratio_mean"]) == pytest.approx(lora_map / full_map)
+    summary = list(csv.DictReader((out / "summary_domains.csv").open()))
+    assert [s["method"] for s in summary] == ["lora_r4"] and summary[0]["worst_domain"] == "coco8"
+    assert "| coco8 | 1 ep x 64 px, 4 img | lora_r4 | 0 |" in (out / "results_domains.md").read_text()
+    assert (out / "ratio_by_domain.png").stat().st_size > 0
+
+    # Resume: the same command trains nothing; without quick, only seed 1 is left to do.
+    done = (out / "coco8" / "full_s0" / "weights" / "best.pt").stat().st_mtime_ns
+    assert main(args) == 0
+    assert (out / "coco8" / "full_s0" / "weights" / "best.pt").stat().st_mtime_ns == done
+    cfg = load_domain_config(cfg_file, {"project": str(tmp_path), "name": "d"})
+    finished, todo = plan(cfg, out_dir(cfg))
+    assert finished == [("coco8", "full", 0), ("coco8", "lora_r4", 0)]
+    assert todo == [("coco8", "full", 1), ("coco8", "lora_r4", 1)]
+
+    # Another budget under the same name would mix budgets in one table: refused in one line, nothing retrained.
+    capsys.readouterr()
+    assert main([*args, "epochs=2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "full_s0 finished with another config (train.epochs: 1 -> 2)" in err and "\n" not in err
+    assert (out / "coco8" / "full_s0" / "weights" / "best.pt").stat().st_mtime_ns == done
+
+
+def test_domain_aggregation_ratios_spread_geomean_worst():
+    """Per-seed ratios to full fine-tuning of the same seed, their mean and min-max, the geometric mean over domains
+    and the worst domain; a method missing a domain is flagged, not averaged over fewer domains silently."""
+    from visionpeft.bench.domain_report import aggregate, geometric_mean, markdown, summarize
+
+    def res(domain, method, seed, m, kind="peft"):
+        return {"domain": domain, "method": method, "seed": seed, "kind": kind, "mAP50-95": m, "epochs": 6,
+                "imgsz": 256, "train_images": 910, "sec_per_epoch": 10.0 + seed, "trainable_pct": 9.8}
+
+    results = [res("a", "full", 0, 0.50, "full"), res("a", "full", 1, 0.40, "full"), res("a", "full", 2, 0.60, "full"),
+               res("a", "rec", 0, 0.55), res("a", "rec", 1, 0.36), res("a", "rec", 2, 0.60),
+               res("b", "full", 0, 0.20, "full"), res("b", "full", 1, 0.25, "full"),
+               res("b", "rec", 0, 0.16), res("b", "rec", 1, 0.20),
+               res("b", "other", 0, 0.30)]
+    rows = {(r["domain"], r["method"]): r for r in aggregate(results, "full")}
+    rec_a = rows["a", "rec"]
+    assert rec_a["seeds"] == "0 1 2" and rec_a["n_seeds"] == 3 and rec_a["n_ratios"] == 3
+    assert rec_a["map_mean"] == pytest.approx((0.55 + 0.36 + 0.60) / 3)
+    assert (rec_a["map_min"], rec_a["map_max"]) == (0.36, 0.60)
+    assert rec_a["ratio_mean"] == pytest.approx((1.1 + 0.9 + 1.0) / 3)  # mean of per-seed ratios, not of means
+    assert (rec_a["ratio_min"], rec_a["ratio_max"]) == (pytest.approx(0.9), pytest.approx(1.1))
+    assert rows["b", "rec"]["ratio_mean"] == pytest.approx(0.8) and rows["a", "full"]["ratio_mean"] == 1.0
+    assert rec_a["sec_per_epoch"] == pytest.approx(11.0)
+
+    summary = {s["method"]: s for s in summarize(list(rows.values()), "full", ["a", "b"])}
+    assert set(summary) == {"rec", "other"}
+    assert summary["rec"]["geomean_ratio"] == pytest.approx((1.0 * 0.8) ** 0.5)
+    assert (summary["rec"]["worst_domain"], summary["rec"]["worst_ratio"]) == ("b", pytest.approx(0.8))
+    assert summary["rec"]["domains_missing"] == "" and summary["rec"]["n_domains"] == 2
+    assert summary["other"]["domains_missing"] == "a" and summary["other"]["geomean_ratio"] == pytest.approx(1.5)
+    assert geometric_mean([2.0, 0.5]) == pytest.approx(1.0) and geometric_mean([1.2, 0.0]) == 0.0
+    md = markdown(list(rows.values()), list(summary.values()), "t")
+    assert "| a | 6 ep x 256 px, 910 img | rec | 0 1 2 | 0.5033 (0.3600-0.6000) | 1.000 (0.900-1.100) |" in md
+    assert "| rec | 2 | 0.894 | b (0.800) |" in md and "| other | 1 (missing: a) | 1.500 | b (1.500) |" in md
+
+
+@pytest.mark.parametrize(("text", "overrides", "match"), [
+    (DOMAINS_YAML + "domainz: {}\n", {}, r"Unknown key\(s\) \['domainz'\].*Valid keys: \['base', 'train'"),
+    (DOMAINS_YAML.replace("{data: coco8.yaml}", "{data: coco8.yaml, epochs: 3}"), {},
+     r"Unknown key\(s\) \['epochs'\] in domains.coco8. Valid keys: \['data', 'train', 'seeds'\]"),
+    (DOMAINS_YAML.replace("{kind: full}", "{kind: full, lr: 2}"), {},
+     r"Unknown key\(s\) \['lr'\] in runs.full. Valid keys: \['kind', 'freeze', 'peft', 'train'\]"),
+    (DOMAINS_YAML.replace("{data: coco8.yaml}", "{data: coco8.yaml, train: {epochz: 3}}"), {},
+     r"domains.coco8.train: Unknown Ultralytics train key 'epochz'.*Valid keys"),
+    (DOMAINS_YAML, {"epochz": 3}, r"the command line: Unknown Ultralytics train key 'epochz'"),
+    (DOMAINS_YAML, {"seed": 3}, r"'seed' in the command line: set seeds with 'seeds:'"),
+    (DOMAINS_YAML, {"seeds": []}, r"seeds must be a non-empty list"),
+    (DOMAINS_YAML.replace("full: {kind: full}", "full: {kind: freeze, freeze: 10}"), {}, r"no run of kind 'full'"),
+    (DOMAINS_YAML.replace("{kind: full}", "{kind: fulll}"), {}, r"kind 'fulll' is not one of"),
+    (DOMAINS_YAML, {"only": "full,nope"}, r"only=full,nope: no entry named \['nope'\]. Choose from \['full', 'lora"),
+    (DOMAINS_YAML, {"only_domains": "coco9"}, r"no entry named \['coco9'\]"),
+    (DOMAINS_YAML.replace("  coco8:", "  ../coco8:"), {}, r"domains: name '../coco8': use letters, digits"),
+    (DOMAINS_YAML.replace("coco8.yaml}", "coco9.yaml}"), {}, r"domain coco8, run full: Dataset YAML 'coco9.yaml' not"),
+    (DOMAINS_YAML.replace("r: 4, alpha: 8", "r: 4, alph: 8"), {}, r"domain coco8, run lora_r4: .*alph"),
+])
+def test_domain_config_errors(tmp_path, text, overrides, match):
+    from visionpeft.bench.domains import load_domain_config
+
+    with pytest.raises(ValueError, match=match) as info:
+        load_domain_config(_domains_cfg(tmp_path, text), overrides)
+    assert "\n" not in str(info.value)
+
+
+def test_shipped_domain_benchmark_config(tmp_path):
+    """bench_domains.yaml: every YOLO dataset of the assets with train and val, >= 2 seeds (3 on crop_weed), every
+    (domain, run) a valid training config; quick mode is the first seed of each."""
+    from visionpeft.bench.domains import domain_run_config, load_domain_config, plan
+
+    cfg = load_domain_config("bench_domains.yaml", {"project": str(tmp_path)})
+    assert list(cfg["domains"]) == ["crop_weed", "apple_detection", "coco128", "cherry_bbch81"]
+    assert cfg["domains"]["crop_weed"]["seeds"] == [0, 1, 2]
+    assert all(len(d["seeds"]) >= 2 for d in cfg["domains"].values())
+    assert cfg["reference"] == "full" and "recipe" in cfg["runs"]
+    config = domain_run_config(cfg, "cherry_bbch81", "recipe", 1, tmp_path)
+    assert config["train"]["seed"] == 1 and config["train"]["imgsz"] >= 416 and config["peft"]["lr_mult"] == 3.0
+    assert config["train"]["name"] == "recipe_s1" and config["train"]["project"] == str(tmp_path / "cherry_bbch81")
+    assert len(plan(cfg, tmp_path)[1]) == len(cfg["runs"]) * (3 + 2 + 2 + 2)
+    quick = load_domain_config("bench_domains.yaml", {"project": str(tmp_path), "quick": True, "only": "full,recipe"})
+    assert plan(quick, tmp_path)[1][:2] == [("crop_weed", "full", 0), ("crop_weed", "recipe", 0)]
+    assert len(plan(quick, tmp_path)[1]) == 8
+
+    # A finished run (its spec as the runner writes it, JSON) counts as done under the same config, so resume works
+    # with crops.yaml's nested augmentations; under another budget it is refused.
+    folder = tmp_path / "coco128" / "full_s0"
+    folder.mkdir(parents=True)
+    (folder / "bench_spec.json").write_text(json.dumps({"config": domain_run_config(cfg, "coco128", "full", 0,
+                                                                                    tmp_path)}))
+    (folder / "bench_result.json").write_text("{}")
+    finished, todo = plan(quick, tmp_path)
+    assert finished == [("coco128", "full", 0)] and len(todo) == 7
+    with pytest.raises(ValueError, match=r"coco128/full_s0 finished with another config \(train.imgsz: 320 -> 64\)"):
+        plan(load_domain_config("bench_domains.yaml", {"project": str(tmp_path), "imgsz": 64}), tmp_path)

@@ -11,6 +11,7 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import yaml
@@ -54,17 +55,55 @@ def load_bench_config(path: str | Path, overrides: dict | None = None) -> dict:
     return cfg
 
 
-def run_config(cfg: dict, name: str, out_dir: Path) -> dict:
-    """The training config (a dict, as ``visionpeft.train`` takes it) of benchmark run ``name``."""
+def training_config(base: str | Path, train_layers: Sequence[dict | None], out_dir: Path, name: str,
+                    data: str | None = None, peft: dict | None = None) -> dict:
+    """The training config (a dict, as ``visionpeft.train`` takes it) of one benchmark run, in ``out_dir/name``.
+
+    ``base``: the training YAML it starts from; ``data`` replaces its dataset, ``peft`` updates its ``peft:`` block;
+    ``train_layers`` update its train args in order (later wins).
+    """
     from ..train.config import find_config
 
-    entry = cfg["runs"][name] or {}
-    raw = yaml.safe_load(find_config(cfg.get("base", "crops.yaml")).read_text()) or {}
-    if entry.get("peft"):
-        raw["peft"] = {**(raw.get("peft") or {}), **entry["peft"]}
-    raw["train"] = {**(raw.get("train") or {}), **cfg.get("train", {}), **entry.get("train", {}),
-                    "project": str(out_dir.resolve()), "name": name, "exist_ok": True}
+    raw = yaml.safe_load(find_config(base).read_text()) or {}
+    if data:
+        raw["data"] = data
+    if peft:
+        raw["peft"] = {**(raw.get("peft") or {}), **peft}
+    train = dict(raw.get("train") or {})
+    for layer in train_layers:
+        train.update(layer or {})
+    raw["train"] = {**train, "project": str(Path(out_dir).resolve()), "name": name, "exist_ok": True}
     return raw
+
+
+def run_config(cfg: dict, name: str, out_dir: Path) -> dict:
+    """The training config (a dict, as ``visionpeft.train`` takes it) of benchmark run ``name``."""
+    entry = cfg["runs"][name] or {}
+    return training_config(cfg.get("base", "crops.yaml"), [cfg.get("train"), entry.get("train")], out_dir, name,
+                           peft=entry.get("peft"))
+
+
+def run_spec(name: str, entry: dict | None, config: dict) -> dict:
+    """What the worker reads: the run's name, kind (full, freeze, peft), Ultralytics ``freeze`` and config."""
+    entry = entry or {}
+    return {"name": name, "kind": entry.get("kind", "peft"), "freeze": entry.get("freeze"), "config": config}
+
+
+def launch(spec: dict, spec_file: Path, result_file: Path, label: str) -> dict:
+    """Run one benchmark run in its own worker process (its peak RSS is its own) and return its result."""
+    atomic_write_bytes(spec_file, json.dumps(spec, indent=2).encode())
+    proc = subprocess.run([sys.executable, "-m", "visionpeft.bench.worker", str(spec_file), str(result_file)])
+    if proc.returncode != 0:
+        raise RuntimeError(f"Benchmark run '{label}' failed (exit {proc.returncode}); see its output above. "
+                           "Fix it and run the same command again: finished runs are kept.")
+    return json.loads(result_file.read_text())
+
+
+def eta_text(durations: list[float], remaining: int) -> str:
+    """``", ETA 12 min for the remaining runs"`` from the durations of the runs done so far."""
+    if not durations:
+        return ""
+    return f", ETA {sum(durations) / len(durations) * remaining / 60:.0f} min for the remaining runs"
 
 
 def with_ratios(results: list[dict]) -> list[dict]:
@@ -141,22 +180,12 @@ def run_benchmark(cfg: dict, out_dir: str | Path | None = None) -> list[dict]:
         print(f"benchmark: resuming, {len(done)} run(s) already done: {', '.join(done)}", flush=True)
     durations: list[float] = []
     for i, name in enumerate(todo, 1):
-        entry = cfg["runs"][name] or {}
-        spec = {"name": name, "kind": entry.get("kind", "peft"), "freeze": entry.get("freeze"),
-                "config": run_config(cfg, name, out_dir)}
-        eta = (sum(durations) / len(durations)) * (len(todo) - i + 1) if durations else None
-        print(f"\nbenchmark [{i}/{len(todo)}] {name} ({spec['kind']})"
-              + (f", ETA {eta / 60:.0f} min for the remaining runs" if eta else ""), flush=True)
-        spec_file = out_dir / f"{name}.spec.json"
-        spec_file.write_text(json.dumps(spec, indent=2))
+        spec = run_spec(name, cfg["runs"][name], run_config(cfg, name, out_dir))
+        print(f"\nbenchmark [{i}/{len(todo)}] {name} ({spec['kind']}){eta_text(durations, len(todo) - i + 1)}",
+              flush=True)
         t0 = time.perf_counter()
-        result_file = out_dir / f"{name}.result.json"
-        proc = subprocess.run([sys.executable, "-m", "visionpeft.bench.worker", str(spec_file), str(result_file)])
-        if proc.returncode != 0:
-            raise RuntimeError(f"Benchmark run '{name}' failed (exit {proc.returncode}); see its output above. "
-                               "Fix it and run the same command again: finished runs are kept.")
+        done[name] = launch(spec, out_dir / f"{name}.spec.json", out_dir / f"{name}.result.json", name)
         durations.append(time.perf_counter() - t0)
-        done[name] = json.loads(result_file.read_text())
         atomic_write_bytes(store, json.dumps(done, indent=2).encode())
         write_reports(list(done.values()), out_dir, title)
         r = done[name]

@@ -67,9 +67,16 @@ def run_one(spec: dict) -> dict:
     imgsz = int(trainer.args.imgsz)
     onnx = YOLO(str(best_pt)).export(format="onnx", imgsz=imgsz, verbose=False)  # fuse() merges adapters first
     m = trainer.metrics or {}
+    args = trainer.args
     return {
         "name": spec["name"],
         "kind": spec["kind"],
+        # the budget this run actually had (images after ``fraction``), so a table can state it
+        "epochs": int(args.epochs),
+        "imgsz": imgsz,
+        "fraction": float(args.fraction),
+        "seed": int(args.seed),
+        "train_images": len(trainer.train_loader.dataset),
         "mAP50": float(m.get("metrics/mAP50(B)", float("nan"))),
         "mAP50-95": float(m.get("metrics/mAP50-95(B)", float("nan"))),
         "trainable": int(trainable),
