@@ -276,3 +276,24 @@ def test_shipped_vit_configs_build_their_detector(name):
     assert isinstance(model, VitDetModel)
     vp.inject(model, config.peft.configs(), adapter_name=config.peft.adapter_name, names=["crop", "weed"])
     assert vp.trainable_report(model).trainable > 0
+
+
+def test_vit_crops_config_loads_the_shipped_pretrained_vit() -> None:
+    """configs/vit_crops.yaml builds on the assets' ImageNet ViT-Ti: every backbone tensor equals the file's, so a
+    silent random start (a missing or mis-keyed file) fails here."""
+    from safetensors.torch import load_file
+
+    from visionpeft.train.config import load_config
+
+    model = vp.load_base(load_config("vit_crops.yaml").model, nc=2)
+    vit = model.model[0].vit.state_dict()
+    pretrained = load_file(settings.weights_dir() / "vit_tiny_patch16_224.safetensors")
+    backbone = {k: v for k, v in pretrained.items() if not k.startswith("head.")}  # the classifier is dropped
+    assert len(backbone) == len(pretrained) - 2 and backbone.keys() <= vit.keys()
+    differ = [k for k, v in backbone.items() if not torch.equal(vit[k], v)]
+    assert not differ, f"backbone tensors not loaded from the file: {differ[:5]}"
+
+
+def test_a_named_missing_vit_file_is_an_error_not_a_random_start() -> None:
+    with pytest.raises(FileNotFoundError, match="no_such_vit.safetensors"):
+        vp.load_base('vitdet:{"backbone": "vit_tiny_patch16_224", "pretrained": "no_such_vit.safetensors"}', nc=2)
