@@ -123,12 +123,15 @@ def inject(
     configs: AdapterConfig | Sequence[AdapterConfig | dict],
     adapter_name: str = "default",
     names: dict[int, str] | Sequence[str] | None = None,
+    keep_base: bool = False,
 ) -> nn.Module:
     """Add adapter ``adapter_name`` to ``model`` in place, activate it and freeze everything else.
 
     ``configs`` are method configs (or their dicts); a module gets the first config that targets it. ``names`` are
     the class names of the task (detectors): when they differ from the model's, the family re-initialises the
-    class outputs as trainable modules of this adapter.
+    class outputs as trainable modules of this adapter. ``keep_base`` (detectors): ``merge`` then keeps the base
+    classes beside ``names`` (base names first), running the base's layers from the lowest adapted one on beside
+    their adapted copies; a new name equal to a base name is an error.
     """
     configs = [configs] if isinstance(configs, AdapterConfig) else list(configs)
     family = family_of(model)
@@ -150,6 +153,7 @@ def inject(
                 plan[name] = (module, wrapper, config)
     if not plan:
         raise ValueError(f"No module of the model matches the adapter targets {[c.to_dict() for c in configs]}.")
+    start = family.keep_base_start(model, names, list(plan)) if keep_base else None  # checked before any change
 
     shaped = {n for n, (_, _, c) in plan.items() if getattr(c, "needs_shapes", False)}
     shapes = _probe_shapes(model, family, shaped) if shaped else {}
@@ -175,6 +179,9 @@ def inject(
         "targets": targets,
         "names": names,
     }
+    if start is not None:  # recorded in adapter files: the mode and where the branch leaves the base
+        base_classes = len(state.get("base_names") or getattr(model, "names", None) or {})
+        state["adapters"][adapter_name]["keep_base"] = {"layer": start, "base_classes": base_classes}
     setattr(model, STATE_ATTR, state)
     family.on_inject(model)
     set_adapter(model, adapter_name)
@@ -268,9 +275,29 @@ def merge_(model: nn.Module) -> nn.Module:
 def merge(model: nn.Module) -> nn.Module:
     """A new model with the active adapter folded in: a plain model of the base's class (the input is unchanged).
 
-    Non-mergeable adapters (bottleneck) stay as modules that compute the same function and export to ONNX.
+    Non-mergeable adapters (bottleneck) stay as modules that compute the same function and export to ONNX. An
+    adapter that keeps the base classes gives the base and the merged branch as one model (:func:`with_base`).
     """
-    return merge_(copy.deepcopy(model))
+    merged = merge_(copy.deepcopy(model))
+    return merged if keep_base_layer(model) is None else with_base(model, merged)
+
+
+def keep_base_layer(model: nn.Module) -> int | None:
+    """Where the active adapter's branch leaves the base, if it keeps the base classes (``keep_base``); else None."""
+    state = getattr(model, STATE_ATTR, None)
+    info = (state or {}).get("adapters", {}).get((state or {}).get("active"), {})
+    return info["keep_base"]["layer"] if info.get("keep_base") else None
+
+
+def with_base(model: nn.Module, branch: nn.Module) -> nn.Module:
+    """The untouched base of ``model`` and ``branch`` (``model`` with its active keep-base adapter, merged or not)
+    as one model: base classes, then the adapter's. Neither input is changed."""
+    start = keep_base_layer(model)
+    if start is None:
+        raise ValueError("The active adapter does not keep the base classes (inject it with keep_base=True).")
+    base = copy.deepcopy(model)
+    set_adapter(base, None)
+    return family_of(model).keep_base_model(merge_(base), branch, start)
 
 
 @dataclass

@@ -189,13 +189,17 @@ def load_adapter_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], ada
 
 
 def load_adapter(model: nn.Module, path: str | Path, adapter_name: str | None = None,
-                 activate: bool = True) -> nn.Module:
-    """Load an adapter file onto ``model`` (the same base it was trained on), under ``adapter_name``."""
+                 activate: bool = True, keep_base: bool | None = None) -> nn.Module:
+    """Load an adapter file onto ``model`` (the same base it was trained on), under ``adapter_name``.
+
+    ``keep_base``: whether merging keeps the base classes beside the adapter's; ``None``: as the file records.
+    """
     tensors, meta = read_adapter(path)
     check_fingerprint(model, meta, path)
     name = adapter_name or meta["adapter_name"]
     previous = getattr(model, "visionpeft", {}).get("active")
-    inject(model, meta["configs"], adapter_name=name, names=meta.get("names"))
+    keep_base = bool(meta.get("keep_base")) if keep_base is None else keep_base
+    inject(model, meta["configs"], adapter_name=name, names=meta.get("names"), keep_base=keep_base)
     try:
         load_adapter_tensors(model, tensors, name, source=f"'{path}'")
     except AdapterFileError:

@@ -26,7 +26,8 @@ from ultralytics import YOLO as UltralyticsYOLO
 from .inject import merge, set_adapter
 from .io import load_adapter
 from .models import load_base
-from .train.data import check_class_names, resolve_dataset
+from .train.class_offset import names_offset, offset_dataset
+from .train.data import check_class_names, load_dataset
 
 ADAPTER_IN_RUN = Path("weights") / "best.safetensors"
 
@@ -118,15 +119,26 @@ class YOLO(UltralyticsYOLO):
     # -- Ultralytics calls that need visionpeft's inputs --------------------------------------------------------
     def val(self, validator=None, check_names: bool = True, **kwargs: Any):
         """Ultralytics validation; ``data`` may be a name in visionpeft's ``datasets/``. A dataset whose class names
-        differ from the active adapter's is refused unless ``check_names=False``."""
+        differ from the active adapter's is refused unless ``check_names=False``; an adapter that keeps the base
+        classes validates on the base's dataset (base classes) or on its own (new classes, relabelled to follow
+        the base's)."""
         data = kwargs.get("data")
         if data is None:
             raise ValueError("val needs a dataset: pass data=<dataset YAML or name>, e.g. data='crop_weed'.")
-        if check_names:
-            check_class_names(self.model.names, data)
+        offset = self._class_offset(data) if check_names else 0
         with tempfile.TemporaryDirectory(prefix="visionpeft-val-") as tmp:
-            kwargs["data"] = str(resolve_dataset(data, tmp))
+            kwargs["data"] = str(offset_dataset(data, self.model.names, offset, tmp))
             return super().val(validator=validator, **kwargs)
+
+    def _class_offset(self, data: str | Path) -> int:
+        """Where the dataset's class 0 is among the model's: a keep-base model's data may hold a run of its classes
+        (the base's, or the new ones); any other model's must have its classes."""
+        if getattr(self.model, "keep_base", None):
+            offset = names_offset(self.model.names, load_dataset(data)[0].get("names"))
+            if offset is not None:
+                return offset
+        check_class_names(self.model.names, data)
+        return 0
 
     def train(self, *args: Any, **kwargs: Any):
         raise TypeError("visionpeft.YOLO predicts, validates and exports; train adapters with "

@@ -15,6 +15,7 @@ overrides (key=value):
 multi-domain configs (with domains:, e.g. --cfg bench_domains.yaml) also take:
   quick=true                         the first seed of each domain only
   only_domains=coco128,cherry_bbch81 do only these domains
+keep-base configs (with base_data:, e.g. --cfg bench_keep_base.yaml) take only= and latency_runs=50
 Finished runs are kept: the same command again resumes an interrupted benchmark.
 """
 
@@ -31,16 +32,21 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from ..train.config import ConfigError, find_config, parse_overrides
     from .domains import load_domain_config, run_domain_benchmark
+    from .keep_base import load_keep_config, run_keep_benchmark
     from .runner import load_bench_config, run_benchmark
 
     try:
         raw = yaml.safe_load(find_config(args.cfg).read_text())
-        multi = isinstance(raw, dict) and "domains" in raw  # the multi-domain runner, else the one-dataset one
-        cfg = (load_domain_config if multi else load_bench_config)(args.cfg, parse_overrides(args.overrides))
+        load, run = load_bench_config, run_benchmark  # the one-dataset runner, unless the config says otherwise
+        if isinstance(raw, dict) and "domains" in raw:
+            load, run = load_domain_config, run_domain_benchmark
+        elif isinstance(raw, dict) and "base_data" in raw:  # bench_keep_base.yaml
+            load, run = load_keep_config, run_keep_benchmark
+        cfg = load(args.cfg, parse_overrides(args.overrides))
     except (ConfigError, ValueError, FileNotFoundError, yaml.YAMLError) as e:
         return usage_error(parser.prog, e)
     try:
-        (run_domain_benchmark if multi else run_benchmark)(cfg)
+        run(cfg)
     except ConfigError as e:  # a finished run of another config in the output folder: nothing ran, nothing lost
         return usage_error(parser.prog, e)
     return 0

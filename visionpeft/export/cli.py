@@ -23,7 +23,9 @@ def parser() -> argparse.ArgumentParser:
     src.add_argument("--adapter", help="adapter .safetensors file")
     src.add_argument("--base", help="base weights the adapter was trained on (default: the file name recorded in the "
                      "adapter, looked up in the assets' weights/ folder only)")
-    p.add_argument("--format", default="onnx", help="export format: onnx (default)")
+    p.add_argument("--format", default="onnx",  # others are refused by export() with the reason, in one line
+                   help="export format: onnx (default); openvino (32, 16, 8: INT8 via NNCF) and ncnn (32, 16) write "
+                   "model folders and need pip install -e \".[edge]\"")
     p.add_argument("--quantize", type=int, default=32, choices=(32, 16, 8),
                    help="precision: 32 (FP32, default), 16 (FP16 weights), 8 (static INT8, needs --data)")
     p.add_argument("--imgsz", type=int, nargs="+", help="image size, or height width (default: the run's, else 640)")
@@ -56,7 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         quantize=args.quantize, imgsz=imgsz, dynamic=args.dynamic, opset=args.opset, val=args.val,
                         data=args.data, out=args.out, verify=args.verify, calib=args.calib, runs=args.runs,
                         threads=args.threads or None, check_names=args.check_names)
-    except (AdapterFileError, FileNotFoundError, ValueError, TypeError) as e:
+    except (AdapterFileError, FileNotFoundError, ValueError, TypeError, ImportError) as e:  # ImportError: no [edge]
         print(f"visionpeft-export: error: {' '.join(str(e).split())}", file=sys.stderr)  # one line
         return 2
     if not result.ok:

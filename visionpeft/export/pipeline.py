@@ -2,7 +2,7 @@
 
 The adapter is loaded onto its base and merged into a plain ``DetectionModel`` before the Ultralytics exporter sees
 it, so Conv+BN fusion folds the adapted weights; the unmerged model stays as the reference the exports are checked
-against.
+against. An adapter that keeps the base classes exports the base beside its merged branch, all classes in one file.
 """
 
 from __future__ import annotations
@@ -19,10 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import settings
-from ..inject import adapted_modules, merge, peft_state
+from ..inject import adapted_modules, keep_base_layer, merge, peft_state, with_base
 from ..io import AdapterFileError, load_adapter, read_adapter, replace_file
 from ..models import load_base
-from ..train.data import check_class_names, resolve_dataset
+from ..train.class_offset import names_offset, offset_dataset
+from ..train.data import check_class_names, load_dataset, resolve_dataset
 from ..train.offline import ensure_fonts
 from . import verify as checks
 from .images import letterbox, sample_images, split_images
@@ -54,6 +55,10 @@ class ExportResult:
         return self.report is None or bool(self.report["ok"])
 
     def __str__(self) -> str:
+        if self.report and "format" in self.report:  # an OpenVINO / NCNN folder
+            from .formats import format_table
+
+            return format_table(self.report)
         return checks.format_table(self.report) if self.report else "\n".join(str(f) for f in self.files.values())
 
 
@@ -152,6 +157,12 @@ def _staged(folder: Path) -> Iterator[Path]:
                 folder.rmdir()  # only if the export left nothing in it
 
 
+def _val_data(data: Path, names: dict, folder: str) -> Path:
+    """``data`` relabelled to a keep-base model's class indices (its classes follow the base's)."""
+    offset = names_offset(names, load_dataset(data)[0].get("names"))
+    return offset_dataset(data, names, offset or 0, folder)
+
+
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -174,7 +185,8 @@ def export(
     threads: int | None = 1,
     check_names: bool = True,
 ) -> ExportResult:
-    """Export a trained adapter, merged into its base, to ONNX and verify the files.
+    """Export a trained adapter, merged into its base, to ONNX (or ``format`` openvino / ncnn: model folders, see
+    ``visionpeft.export.formats``) and verify the files.
 
     Inputs: ``adapter`` (a ``.safetensors`` adapter file) with ``base`` (the weights it was trained on; default: the
     file name the trainer recorded in the adapter, looked up in the assets' ``weights/`` only), or ``run`` (a
@@ -190,13 +202,15 @@ def export(
     ``val`` the mAP of every file and of the PyTorch model on ``data``, whose class names must be the adapter's
     unless ``check_names=False``. The files appear together: a failed export leaves ``out`` as it was.
     """
-    if str(format).lower() not in FORMATS:
-        raise ValueError(f"Unsupported export format '{format}'. visionpeft exports {list(FORMATS)}; for other "
-                         "formats export the merged model with Ultralytics (YOLO(model).export(format=...)).")
+    fmt = str(format).lower()
     try:
         precision = PRECISIONS[int(quantize)]
     except (KeyError, TypeError, ValueError):
         raise ValueError(f"quantize must be 32, 16 or 8, not {quantize!r}.") from None
+    if fmt not in FORMATS:
+        from .formats import check_format
+
+        check_format(fmt, int(quantize))  # OpenVINO, NCNN (visionpeft.export.formats); others refused with the reason
     base, adapter, run_args, meta = resolve_inputs(base, adapter, run)
     data = data if data is not None else run_args.get("data")
     imgsz = _imgsz(imgsz if imgsz is not None else run_args.get("imgsz", 640))
@@ -209,12 +223,12 @@ def export(
     with tempfile.TemporaryDirectory(prefix="visionpeft-export-") as tmp:
         data_yaml = resolve_dataset(data, tmp) if data is not None else None  # names like 'crop_weed' work too
         return _export(base, adapter, meta, precision, imgsz, dynamic, opset, val, data_yaml, str(data or ""), out,
-                       verify, calib, runs, threads, check_names)
+                       verify, calib, runs, threads, check_names, fmt)
 
 
 def _export(base, adapter: Path, meta: dict, precision: str, imgsz: list[int], dynamic: bool, opset: int | None,
             val: bool, data: Path | None, data_name: str, out: str | Path | None, verify: bool, calib: int, runs: int,
-            threads: int | None, check_names: bool) -> ExportResult:
+            threads: int | None, check_names: bool, fmt: str = "onnx") -> ExportResult:
     from ultralytics.nn.tasks import DetectionModel
     from ultralytics.utils import LOGGER
 
@@ -237,8 +251,15 @@ def _export(base, adapter: Path, meta: dict, precision: str, imgsz: list[int], d
         "methods": sorted(set(info["targets"].values())), "configs": info["configs"], "targets": len(info["targets"]),
         "mergeable": mergeable, "base": str(base), "base_fingerprint": state["fingerprint"],
         "adapter_file": adapter.name, "adapter_sha256": _sha256(adapter), "precision": "fp32",
+        **({"keep_base": info["keep_base"]} if info.get("keep_base") else {}),
     }
 
+    if fmt != "onnx":
+        from .formats import export_folder
+
+        quantize = {v: k for k, v in PRECISIONS.items()}[precision]
+        return export_folder(model, merged, metadata, fmt, quantize, imgsz, data, out, adapter, verify, val, calib,
+                             runs, threads)
     out = Path(out) if out is not None else adapter.parent
     fp32_path = out if out.suffix == ".onnx" else out / f"{adapter.stem}.onnx"
     with _staged(fp32_path.parent) as stage:
@@ -262,8 +283,13 @@ def _export(base, adapter: Path, meta: dict, precision: str, imgsz: list[int], d
 
     fp = state["fingerprint"]
     result.base_file = base_export(plain, imgsz, dynamic, opset, key=f"{fp['architecture']}-{fp['weights']}")
-    report = checks.verify(model, files, result.base_file, sample_images(data, "val", 4), imgsz, mergeable,
-                           merged=merged if val else None, data=data if val else None, runs=runs, threads=threads)
+    keep = keep_base_layer(model) is not None  # its exports hold the base beside the branch: more nodes, by design
+    reference = with_base(model, model) if keep else model  # the unmerged adapter (beside the untouched base)
+    with tempfile.TemporaryDirectory(prefix="visionpeft-val-") as tmp:
+        val_data = _val_data(data, merged.names, tmp) if val and keep else data
+        report = checks.verify(reference, files, result.base_file, sample_images(data, "val", 4), imgsz,
+                               mergeable and not keep, merged=merged if val else None,
+                               data=val_data if val else None, runs=runs, threads=threads)
     result.report = {"adapter": name, "methods": metadata["methods"], "mergeable": mergeable, "base": str(base),
                      "adapter_file": str(adapter), **report}
     result.report_file = checks.write_report(result.report, result.file.with_suffix(".verify.json"))

@@ -9,6 +9,13 @@ onnxruntime issues #14233, #10787). So the box and score *decode* stays float: e
 convolutions (the DFL softmax and projection, the anchor/stride arithmetic, the class sigmoid, the concats), found
 from the graph rather than by name. The first convolution also stays float: it sees the raw image, gains little
 from int8 (three input channels) and is where input rounding hurts most.
+
+Before quantizing, the DFL decode is rewritten to compute the same numbers faster (``last_axis_dfl``): Ultralytics'
+graph takes the softmax over axis 1 of a ``(1, 16, 4, anchors)`` tensor and projects it with a 1x1 conv; onnxruntime
+runs a softmax over a non-last axis as transpose + softmax + transpose, and the conv through NCHWc reorders. Taking
+the softmax over the last axis and projecting with a ``(16, 1)`` MatMul gives bit-identical outputs at ~10 % less
+time for the whole model on 2 CPU threads (measured in ``scripts/bench_edge.py``); it runs in float like the rest of
+the decode.
 """
 
 from __future__ import annotations
@@ -37,19 +44,68 @@ def to_fp16(src: str | Path, dst: str | Path) -> Path:
     return atomic_write_bytes(dst, model.SerializeToString())
 
 
-def _is_dfl(node, initializers: dict) -> bool:
-    """The DFL projection: a fixed 1x1 conv with weights 0, 1, ..., reg_max - 1 (expected value of a softmax)."""
-    if node.op_type != "Conv":
-        return False
-    if "dfl" in node.name.lower():
-        return True
-    w = initializers.get(node.input[1]) if len(node.input) > 1 else None
-    if w is None or len(w.dims) != 4 or w.dims[0] != 1:
-        return False
+def _projection(node, initializers: dict) -> np.ndarray | None:
+    """The weights of a DFL projection node, or None: a 1x1 conv with one output (or, after ``last_axis_dfl``, a
+    ``(reg_max, 1)`` MatMul) whose weights are 0, 1, ..., reg_max - 1 (the expected value of a softmax)."""
+    w = initializers.get(node.input[1]) if node.op_type in ("Conv", "MatMul") and len(node.input) > 1 else None
+    if w is None or not ((len(w.dims) == 4 and w.dims[0] == 1) if node.op_type == "Conv" else
+                         (len(w.dims) == 2 and w.dims[1] == 1)):
+        return None
     from onnx import numpy_helper
 
     values = numpy_helper.to_array(w).reshape(-1)
-    return bool(np.array_equal(values, np.arange(values.size, dtype=values.dtype)))
+    return values if np.array_equal(values, np.arange(values.size, dtype=values.dtype)) else None
+
+
+def _is_dfl(node, initializers: dict) -> bool:
+    """The DFL projection (by Ultralytics' node name or by its weights), which is decode, not a layer to quantize."""
+    return (node.op_type == "Conv" and "dfl" in node.name.lower()) or _projection(node, initializers) is not None
+
+
+def last_axis_dfl(model) -> int:
+    """Rewrite Ultralytics' DFL decode in place to take its softmax over the last axis; the number of DFLs rewritten.
+
+    Mirrors ``ultralytics.nn.modules.block.DFL.forward`` as exported: ``Reshape (b, 4, c1, a) -> Transpose(0, 2, 1,
+    3) -> Softmax(axis=1) -> Conv 1x1 (weights 0..c1-1) -> Reshape (b, 4, a)``. It becomes ``Transpose(0, 1, 3, 2)
+    -> Softmax(axis=-1) -> MatMul (c1, 1)``, whose ``(b, 4, a, 1)`` output the same Reshape takes: the same sums in the
+    same order. Graphs without that pattern are left as they are.
+    """
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    producer = {out: n for n in graph.node for out in n.output}
+    consumers: dict[str, list] = {}
+    for n in graph.node:
+        for t in n.input:
+            consumers.setdefault(t, []).append(n)
+    initializers = {t.name: t for t in graph.initializer}
+    done = 0
+    for softmax in [n for n in graph.node if n.op_type == "Softmax"]:
+        transpose, after = producer.get(softmax.input[0]), consumers.get(softmax.output[0], [])
+        if transpose is None or transpose.op_type != "Transpose" or len(after) != 1:
+            continue
+        conv = after[0]
+        attrs = {a.name: helper.get_attribute_value(a) for n in (transpose, softmax) for a in n.attribute}
+        if (conv.op_type != "Conv" or len(conv.input) != 2 or _projection(conv, initializers) is None
+                or list(attrs.get("perm", [])) != [0, 2, 1, 3] or attrs.get("axis") != 1
+                or len(consumers.get(transpose.output[0], [])) != 1):
+            continue
+        weight = numpy_helper.to_array(initializers[conv.input[1]]).reshape(-1, 1)
+        projection = numpy_helper.from_array(weight, f"{conv.input[1]}/last_axis")
+        graph.initializer.append(projection)
+        del transpose.attribute[:], softmax.attribute[:], conv.attribute[:]
+        transpose.attribute.append(helper.make_attribute("perm", [0, 1, 3, 2]))
+        softmax.attribute.append(helper.make_attribute("axis", -1))
+        old_weight = conv.input[1]
+        conv.op_type, conv.name, conv.input[1] = "MatMul", f"{conv.name}/last_axis", projection.name
+        if not any(old_weight in n.input for n in graph.node):
+            graph.initializer.remove(initializers[old_weight])
+        stale = {transpose.output[0], softmax.output[0], conv.output[0]}  # shapes changed: let inference redo them
+        kept = [v for v in graph.value_info if v.name not in stale]
+        del graph.value_info[:]
+        graph.value_info.extend(kept)
+        done += 1
+    return done
 
 
 def float_nodes(model, keep_first_conv: bool = True) -> list[str]:
@@ -133,6 +189,7 @@ def to_int8(src: str | Path, dst: str | Path, calibration: Sequence[np.ndarray],
         raise ValueError("INT8 calibration needs at least one image.")
     telemetry_off()  # calibration runs onnxruntime sessions
     model = onnx.load(str(src))
+    last_axis_dfl(model)
     reader = _reader(model.graph.input[0].name, calibration)
     exclude = float_nodes(model, keep_first_conv)
     metadata = {p.key: p.value for p in model.metadata_props}

@@ -4,6 +4,7 @@ Defaults: LoRA/DoRA on every conv of backbone, neck and head except the DFL (a f
 adapters beside the C2f/C3k2/C3/C2PSA blocks. A new class list re-initialises the head's class-output convs as
 trainable modules (the box branch keeps its pretrained weights). Injected detectors become a
 ``PeftDetectionModel``, whose ``fuse()`` merges adapters before Conv+BN fusion, which would otherwise drop them.
+An adapter that keeps the base classes (``keep_base``) merges into a base-plus-branch model (:mod:`.yolo_keep`).
 """
 
 from __future__ import annotations
@@ -95,6 +96,18 @@ class YoloFamily(Family):
     def example_input(self, model: nn.Module) -> torch.Tensor:
         p = next(model.parameters())
         return torch.zeros(1, model.yaml.get("channels", 3), 64, 64, device=p.device, dtype=p.dtype)
+
+    def keep_base_start(self, model: nn.Module, names: dict[int, str] | None, targets: list[str]) -> int:
+        from .yolo_keep import branch_start, check_keep_base
+
+        base_names = getattr(model, "visionpeft", {}).get("base_names") or model.names
+        check_keep_base(model, {int(k): v for k, v in base_names.items()}, names)
+        return branch_start(targets)
+
+    def keep_base_model(self, base: nn.Module, branch: nn.Module, start: int) -> nn.Module:
+        from .yolo_keep import keep_base_model
+
+        return keep_base_model(base, branch, start)
 
     def on_inject(self, model: nn.Module) -> None:
         state = model.visionpeft

@@ -64,12 +64,16 @@ class PeftSpec:
     ``bn``: ``"frozen"`` keeps BatchNorm weights and statistics of the base (eval mode); ``"train"`` gives each
     BatchNorm a trainable copy (affine and running statistics) saved with the adapter.
     ``lr_mult`` scales the learning rate Ultralytics picks (adapters often want more than full fine-tuning).
+    ``keep_base``: the merged model keeps the base classes beside the new ones (base names first); the adapter
+    trains as usual, and its lowest adapted layer (set with the methods' ``layers``) is where the merged model's
+    branch leaves the base (:func:`visionpeft.inject.with_base`).
     """
 
     adapter_name: str = "default"
     methods: list[dict] = field(default_factory=lambda: [LoraConfig().to_dict()])
     bn: str = "frozen"
     lr_mult: float = 1.0
+    keep_base: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.adapter_name, str) or not self.adapter_name or "." in self.adapter_name:
@@ -78,6 +82,8 @@ class PeftSpec:
             raise ValueError(f"peft.bn must be 'frozen' or 'train', not {self.bn!r}.")
         if isinstance(self.lr_mult, bool) or not isinstance(self.lr_mult, (int, float)) or not self.lr_mult > 0:
             raise ValueError(f"peft.lr_mult must be a positive number, not {self.lr_mult!r}.")
+        if not isinstance(self.keep_base, bool):
+            raise ValueError(f"peft.keep_base must be true or false, not {self.keep_base!r}.")
         if not isinstance(self.methods, list) or not self.methods:
             raise ValueError("peft.methods must be a non-empty list of method configs, e.g. "
                              "[{method: lora, r: 8, alpha: 16}].")
@@ -105,7 +111,14 @@ class PeftSpec:
 
     def configs(self) -> list[dict]:
         extra = [{"method": "trainable", "target_types": ["BatchNorm2d"]}] if self.bn == "train" else []
+        layers = [m.get("layers") for m in self.methods]
+        if extra and self.keep_base and all(layers):  # trainable BatchNorms only where the branch is
+            extra[0]["layers"] = sorted(set().union(*(config_from_dict(m).layers for m in self.methods)))
         return [*self.methods, *extra]
+
+    def inject(self, model: nn.Module, names) -> nn.Module:
+        """Add this spec's adapter to ``model`` for a dataset of class ``names``."""
+        return inject(model, self.configs(), adapter_name=self.adapter_name, names=names, keep_base=self.keep_base)
 
 
 def copy_base_tensors(dst: nn.Module, src: nn.Module) -> None:
@@ -195,11 +208,11 @@ class PeftDetectionTrainer(DetectionTrainer):
             if name in state["adapters"]:
                 set_adapter(model, name)
             else:
-                inject(model, self.peft.configs(), adapter_name=name, names=self.data["names"])
+                self.peft.inject(model, self.data["names"])
         else:
             base = (copy.deepcopy(weights).float() if weights is not None
                     else build_detector(cfg, nc=self.data["nc"], ch=self.data["channels"]))
-            model = inject(base, self.peft.configs(), adapter_name=self.peft.adapter_name, names=self.data["names"])
+            model = self.peft.inject(base, self.data["names"])
             if str(self.args.model).endswith(".pt"):
                 model.visionpeft["base"] = str(Path(self.args.model).resolve())
         model.visionpeft[SPEC_KEY] = self.peft.to_dict()

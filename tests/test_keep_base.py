@@ -1,0 +1,250 @@
+"""keep_base: the merged model keeps the base's 80 COCO classes beside the adapter's (issue 15).
+
+Real yolo11n.pt, real crop_weed and coco128 images at 64 px. The base classes of the merged model must be the base
+model's outputs exactly, the new classes the plain merged adapter's exactly.
+"""
+
+from __future__ import annotations
+
+import ast
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import max_rel_diff, randomize_adapters
+from ultralytics.cfg import get_cfg
+
+import visionpeft as vp
+from visionpeft.export import export, float_nodes
+from visionpeft.export.images import letterbox
+from visionpeft.inject import merge_
+from visionpeft.models import resolve_weights
+from visionpeft.settings import datasets_dir
+from visionpeft.train import PeftSpec
+from visionpeft.train.cli import check_adapter_targets
+from visionpeft.train.config import load_config
+
+IMGSZ = 64
+NAMES = ["crop", "weed"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _cache(tmp_path_factory):
+    """Cached base exports go to a temporary folder, not the user's cache."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("VISIONPEFT_CACHE", str(tmp_path_factory.mktemp("cache")))
+    yield
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def real_images() -> torch.Tensor:
+    """Three crop_weed and three coco128 val photos, letterboxed to 64 px."""
+    root = datasets_dir()
+    files = (sorted((root / "crop_weed" / "valid" / "images").glob("*.jpg"))[:3]
+             + sorted((root / "coco128" / "images" / "val2017").glob("*.jpg"))[:3])
+    return torch.from_numpy(np.concatenate([letterbox(f, (IMGSZ, IMGSZ)) for f in files]))
+
+
+@pytest.fixture(scope="module")
+def tiny_crops(tmp_path_factory):
+    """A crop_weed data YAML over 8 train and 6 val images (text lists of the real files)."""
+    root, folder = datasets_dir() / "crop_weed", tmp_path_factory.mktemp("tiny_crops")
+    for split, src, n in (("train", "train", 8), ("val", "valid", 6)):
+        files = sorted((root / src / "images").glob("*.jpg"))[:n]
+        (folder / f"{split}.txt").write_text("".join(f"{f}\n" for f in files))
+    (folder / "data.yaml").write_text(f"path: {folder}\ntrain: train.txt\nval: val.txt\nnames: {{0: crop, 1: weed}}\n")
+    return folder / "data.yaml"
+
+
+def keep_model(base, layers: str = "16-23", seed: int = 0):
+    model = base("yolo11n.pt")
+    vp.inject(model, vp.DoraConfig(r=4, alpha=8, layers=layers), adapter_name="keep", names=NAMES, keep_base=True)
+    randomize_adapters(model, seed=seed)
+    return model
+
+
+@torch.no_grad()
+def decoded(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    y = model.eval()(x)
+    return y[0] if isinstance(y, tuple) else y
+
+
+def test_names_order_and_the_recorded_mode(base):
+    model = keep_model(base, layers="11-23")
+    info = model.visionpeft["adapters"]["keep"]
+    assert info["keep_base"] == {"layer": 13, "base_classes": 80}  # layers 11 and 12 (Upsample, Concat) have no conv
+    assert model.names == {0: "crop", 1: "weed"}  # the model that trains: the new classes only
+    merged = vp.merge(model)
+    coco = base("yolo11n.pt").names
+    assert merged.names == {**coco, 80: "crop", 81: "weed"} and merged.model[-1].nc == 82
+    assert merged.keep_base == {"layer": 13, "base_classes": 80}
+    assert not any(type(m).__name__ == "AdaptedModule" for m in merged.modules())
+
+
+def test_a_new_name_equal_to_a_base_name_is_a_one_line_error(base, tmp_path):
+    model = base("yolo11n.pt")
+    with pytest.raises(ValueError, match=r"new class 1 'person' is already base class 0.*rename it") as e:
+        vp.inject(model, vp.DoraConfig(r=4, layers="16-23"), names=["crop", "person"], keep_base=True)
+    assert "\n" not in str(e.value)
+    assert not hasattr(model, "visionpeft") and not any(type(m).__name__ == "AdaptedModule" for m in model.modules())
+    with pytest.raises(ValueError, match="pass the new class names"):
+        vp.inject(model, vp.DoraConfig(r=4), keep_base=True)  # no new classes to keep the base's beside
+    with pytest.raises(ValueError, match="keep_base must be true or false"):
+        PeftSpec(keep_base="yes")
+    # a config is checked before any run folder is made: coco8's classes are COCO's own
+    config = load_config("crops_keep.yaml", {"data": "coco8.yaml", "project": str(tmp_path)})
+    with pytest.raises(ValueError, match="the base's own classes"):
+        check_adapter_targets(config)
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("layers", ["0-23", "5-23", "16-23", "23"])
+def test_base_classes_are_the_base_model_and_new_ones_the_adapter(base, real_images, layers):
+    model = keep_model(base, layers)
+    merged, branch = vp.merge(model), merge_(copy.deepcopy(model))
+    y, y_base, y_new = decoded(merged, real_images), decoded(base("yolo11n.pt"), real_images), decoded(branch,
+                                                                                                      real_images)
+    anchors = y_base.shape[2]
+    assert y.shape == (len(real_images), 4 + 82, 2 * anchors)
+    assert torch.equal(y[:, :84, :anchors], y_base)  # exact: the same layers on the same trunk outputs
+    assert torch.equal(y[:, :4, anchors:], y_new[:, :4]) and torch.equal(y[:, 84:, anchors:], y_new[:, 4:])
+    assert not y[:, 84:, :anchors].any() and not y[:, 4:84, anchors:].any()  # zero scores for the other's classes
+    assert not torch.equal(y_new[:, 4:], y_base[:, 4:6])  # the adapter does change something
+    # training mode is the branch alone: its raw outputs, its 2 classes, its loss (labels 0, 1: crop, weed)
+    merged.train(), branch.train()
+    assert merged(real_images[:1])["scores"].shape[1] == 2
+    merged.args = branch.args = get_cfg()
+    batch = {"img": real_images[:2], "batch_idx": torch.tensor([0.0, 1.0]), "cls": torch.tensor([[0.0], [1.0]]),
+             "bboxes": torch.tensor([[0.5, 0.5, 0.2, 0.2], [0.3, 0.4, 0.1, 0.2]])}
+    assert torch.equal(merged.loss(batch)[0], branch.loss(batch)[0])
+
+
+def test_adapter_file_round_trip_switching_and_the_untouched_base(base, real_images, tmp_path):
+    model = keep_model(base)
+    vp.inject(model, vp.LoraConfig(r=4), adapter_name="plain", names=NAMES)  # an ordinary adapter beside it
+    vp.set_adapter(model, "keep")
+    path = vp.save_adapter(model, tmp_path / "keep.safetensors")
+    assert vp.read_adapter(path)[1]["keep_base"] == {"layer": 16, "base_classes": 80}
+
+    loaded = vp.load_adapter(base("yolo11n.pt"), path)
+    assert torch.equal(decoded(vp.merge(loaded), real_images), decoded(vp.merge(model), real_images))
+    vp.set_adapter(model, "plain")
+    assert len(vp.merge(model).names) == 2  # switching to an ordinary adapter merges as before
+    vp.set_adapter(loaded, None)  # the untouched base: its 80 classes, its outputs (merged: bit for bit)
+    assert loaded.names == base("yolo11n.pt").names
+    reference = decoded(base("yolo11n.pt"), real_images)
+    assert torch.equal(decoded(vp.merge(loaded), real_images), reference)
+    assert max_rel_diff([decoded(loaded, real_images)], [reference]) < 1e-5  # FrozenBatchNorm2d: float rounding
+    vp.delete_adapter(loaded, "keep")
+    assert not hasattr(loaded, "visionpeft")
+
+
+@pytest.fixture(scope="module")
+def keep_export(tmp_path_factory, tiny_crops):
+    folder = tmp_path_factory.mktemp("keep_export")
+    model = vp.load_base("yolo11n.pt")
+    vp.inject(model, vp.DoraConfig(r=4, layers="16-23"), adapter_name="crops_keep", names=NAMES, keep_base=True)
+    randomize_adapters(model)
+    model.visionpeft["base"] = str(resolve_weights("yolo11n.pt"))  # as the trainer records it
+    adapter = vp.save_adapter(model, folder / "crops_keep.safetensors")
+    return export(adapter=adapter, imgsz=IMGSZ, data=tiny_crops, quantize=8, calib=4, runs=3, val=True), model
+
+
+def test_onnx_export_holds_all_classes_and_ultralytics_reads_it(keep_export):
+    from ultralytics import YOLO
+
+    from visionpeft.export import read_metadata
+
+    result, _ = keep_export
+    assert result.ok, result.report["checks"]  # fp32 parity against the unmerged adapter beside the base
+    metadata = read_metadata(result.files["fp32"])
+    names = ast.literal_eval(metadata["names"])  # Ultralytics writes them as a Python dict literal
+    assert len(names) == 82 and names[0] == "person" and [names[80], names[81]] == NAMES
+    assert json.loads(metadata["visionpeft"])["keep_base"] == {"layer": 16, "base_classes": 80}
+    image = datasets_dir() / "coco128" / "images" / "val2017" / "000000000139.jpg"
+    for file in result.files.values():
+        predicted = YOLO(str(file), task="detect").predict(image, imgsz=IMGSZ, conf=0.01, verbose=False)[0]
+        assert len(predicted.names) == 82 and predicted.boxes.cls.max() < 82
+    # the new classes were validated relabelled after the base's (crop = 80): a real, non-zero mAP
+    assert result.report["exports"]["fp32"]["map50_95"] > 0
+    assert abs(result.report["exports"]["fp32"]["map50_95"] - result.report["pytorch"]["map50_95"]) < 0.01
+
+
+def test_int8_keeps_the_joined_outputs_in_float(keep_export):
+    import onnx
+
+    result, _ = keep_export
+    fp32, int8 = onnx.load(str(result.files["fp32"])), onnx.load(str(result.files["int8"]))
+    joins = {n.name for n in fp32.graph.node if n.op_type == "Pad"}
+    assert len(joins) == 2 and joins <= set(float_nodes(fp32))
+    producers = {o: n for n in int8.graph.node for o in n.output}
+    output = producers[int8.graph.output[0].name]
+    assert output.op_type == "Concat" and all(producers[i].op_type != "DequantizeLinear" for i in output.input)
+
+
+def test_visionpeft_yolo_predicts_and_validates_every_class(keep_export, tiny_crops, tmp_path, monkeypatch):
+    result, adapted = keep_export
+    monkeypatch.chdir(tmp_path)  # vp.YOLO names merged copies after the working directory
+    model = vp.YOLO("yolo11n.pt", adapters=[result.files["fp32"].with_suffix(".safetensors")])
+    assert len(model.names) == 82 and model.names[81] == "weed"
+    image = datasets_dir() / "crop_weed" / "valid" / "images"
+    boxes = model.predict(sorted(image.glob("*.jpg"))[0], imgsz=IMGSZ, conf=0.01, verbose=False)[0].boxes
+    assert boxes.cls.max() < 82
+    args = {"imgsz": IMGSZ, "batch": 2, "workers": 0, "plots": False, "verbose": False, "project": str(tmp_path)}
+    new = model.val(data=tiny_crops, name="new", **args)  # crop, weed relabelled 80, 81 for the 82-class model
+    branch = vp.YOLO(merge_(copy.deepcopy(adapted))).val(data=tiny_crops, name="branch", **args)  # 2 classes
+    assert new.box.map > 0 and new.box.map == pytest.approx(branch.box.map, abs=1e-3)
+    coco = model.val(data="coco8", name="coco", **args)  # the base's own dataset: the base classes
+    plain = vp.YOLO("yolo11n.pt").val(data="coco8", name="plain", **args)
+    assert coco.box.map > 0 and coco.box.map == pytest.approx(plain.box.map, abs=1e-3)
+    model.set_adapter(None)
+    assert len(model.names) == 80
+
+
+FAST = {"epochs": 1, "imgsz": IMGSZ, "batch": 4, "nbs": 4, "warmup_epochs": 0, "workers": 0, "plots": False}
+
+
+def test_crops_keep_config_trains_a_keep_base_adapter(tiny_crops, tmp_path):
+    from visionpeft.train import train
+
+    config = load_config("crops_keep.yaml")
+    assert config.peft.keep_base and config.peft.methods[0]["layers"] == "16-23"
+    summary = train("crops_keep.yaml", data=str(tiny_crops), project=str(tmp_path), name="keep", **FAST)
+    meta = vp.read_adapter(summary.adapter_file)[1]
+    assert meta["keep_base"] == {"layer": 16, "base_classes": 80} and meta["names"] == {"0": "crop", "1": "weed"}
+    assert min(int(t.split(".")[1]) for t in meta["targets"]) == 16  # layers below L stay the base's
+
+
+def test_keep_base_benchmark_at_a_tiny_budget(tiny_crops, tmp_path):
+    from visionpeft.bench.keep_base import load_keep_config, run_keep_benchmark
+
+    cfg_file = tmp_path / "bench.yaml"
+    cfg_file.write_text(
+        f"base: crops.yaml\ndata: {tiny_crops}\nbase_data: coco8.yaml\nlatency_runs: 3\n"
+        f"train: {json.dumps({**FAST, 'seed': 0})}\n"
+        "runs:\n  recipe: {peft: {methods: [{method: dora, r: 4, alpha: 8}]}}\n"
+        "  keep_l0: {from: recipe, keep_base: true}\n"
+        "  keep_l16: {peft: {keep_base: true, methods: [{method: dora, r: 4, alpha: 8, layers: 16-23}]}}\n")
+    results = run_keep_benchmark(load_keep_config(cfg_file, {"project": str(tmp_path), "name": "kb"}))
+    out = tmp_path / "kb"
+    assert list(results) == ["base", "recipe", "keep_l0", "keep_l16"]
+    for name in ("results.json", "results.csv", "results.md", "keep_base.png"):
+        assert (out / name).stat().st_size > 0, name
+    base, recipe, l0, l16 = (results[k] for k in ("base", "recipe", "keep_l0", "keep_l16"))
+    assert base["base_map50_95"] > 0 and base["new_map50_95"] == 0 and base["latency_vs_base"] > 0
+    assert recipe["base_map50_95"] == 0 and recipe["layer"] is None  # a plain adapter replaced the COCO classes
+    assert l0["layer"] == 0 and l16["layer"] == 16 and l0["training"] == recipe["training"]
+    for keep in (l0, l16):  # the base classes of the merged model: the base's own detections
+        assert keep["base_map50_95"] == pytest.approx(base["base_map50_95"], abs=0.01)
+        assert keep["base_map50_95_onnx"] == pytest.approx(base["base_map50_95"], abs=0.01)
+    assert l0["new_map50_95"] == pytest.approx(recipe["new_map50_95"], abs=0.01)  # the same adapter's new classes
+    assert l0["onnx_mb"] > l16["onnx_mb"] > base["onnx_mb"]
+    assert "| keep_l16 | keep_base | 16 |" in (out / "results.md").read_text()
+
+    # resumes: finished runs are kept
+    stamp = (out / "keep_l16" / "weights" / "best.safetensors").stat().st_mtime_ns
+    run_keep_benchmark(load_keep_config(cfg_file, {"project": str(tmp_path), "name": "kb"}))
+    assert (out / "keep_l16" / "weights" / "best.safetensors").stat().st_mtime_ns == stamp
