@@ -30,6 +30,8 @@ USER_SETTINGS = _user_settings_file()
 USER_SETTINGS_BEFORE = _snapshot(USER_SETTINGS)
 TEST_CONFIG_DIR = Path(tempfile.mkdtemp(prefix="visionpeft-tests-ultralytics-"))
 os.environ["YOLO_CONFIG_DIR"] = str(TEST_CONFIG_DIR)  # subprocesses of the tests inherit it
+# Cached plain-base exports (visionpeft.export.onnx.cache_dir) go to the session's folder, not the user's cache.
+os.environ["VISIONPEFT_CACHE"] = str(TEST_CONFIG_DIR / "visionpeft-cache")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -67,6 +69,15 @@ def base(_bases: dict) -> Callable[..., nn.Module]:
         return copy.deepcopy(_bases[key])
 
     return get
+
+
+@pytest.fixture(scope="module")
+def data() -> Path:
+    """crop_weed's data YAML in the assets (real field photos)."""
+    path = vp.settings.datasets_dir() / "crop_weed" / "data.yaml"
+    if not path.is_file():
+        pytest.skip(f"crop_weed dataset not found at {path}")
+    return path
 
 
 @pytest.fixture

@@ -88,6 +88,7 @@ def test_domain_benchmark_end_to_end_quick_and_resume(tmp_path, capsys):
     args = ["--cfg", str(cfg_file), f"project={tmp_path}", "name=d", "quick=true"]
     assert main(args) == 0
     out = tmp_path / "d"
+    assert f"benchmark results in {out.resolve()}" in capsys.readouterr().out  # the summary names its folder
     for run in ("full_s0", "lora_r4_s0"):
         assert (out / "coco8" / run / "bench_result.json").is_file(), run
         assert (out / "coco8" / run / "weights" / "best.pt").is_file(), run

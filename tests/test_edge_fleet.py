@@ -32,8 +32,6 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def made(tmp_path_factory) -> dict:
     """Two patches for one base (LoRA with 2 new classes, DoRA on layers 16-23 keeping the 80), merged models."""
-    mp = pytest.MonkeyPatch()
-    mp.setenv("VISIONPEFT_CACHE", str(tmp_path_factory.mktemp("cache")))
     out = {}
     cases = (("weeds", vp.LoraConfig(r=4), NAMES), ("coco", vp.DoraConfig(r=8, layers="16-23"), None))
     for name, configs, names in cases:
@@ -42,8 +40,7 @@ def made(tmp_path_factory) -> dict:
         merged = folder / f"{name}.onnx"
         apply_patch(result.base_file, result.file, merged)
         out[name] = {"patch": result.file, "base": result.base_file, "merged": merged}
-    yield out
-    mp.undo()
+    return out
 
 
 @pytest.fixture(scope="module")

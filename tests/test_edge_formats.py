@@ -19,26 +19,14 @@ from visionpeft.export.images import letterbox, sample_images, split_images
 from visionpeft.export.onnx import export_onnx
 from visionpeft.export.quantize import float_nodes, last_axis_dfl, to_int8
 from visionpeft.export.verify import onnx_outputs
-from visionpeft.settings import datasets_dir
 
 EDGE = all(importlib.util.find_spec(m) for m in ("openvino", "nncf", "ncnn", "pnnx"))
 needs_edge = pytest.mark.skipif(not EDGE, reason='needs pip install -e ".[edge]"')
 
 
 @pytest.fixture(scope="module")
-def data() -> Path:
-    path = datasets_dir() / "crop_weed" / "data.yaml"
-    if not path.is_file():
-        pytest.skip(f"crop_weed dataset not found at {path}")
-    return path
-
-
-@pytest.fixture(scope="module")
 def adapter(tmp_path_factory) -> Path:
-    mp = pytest.MonkeyPatch()
-    mp.setenv("VISIONPEFT_CACHE", str(tmp_path_factory.mktemp("cache")))
-    yield make_adapter(tmp_path_factory.mktemp("adapter"), vp.DoraConfig(r=4), NAMES)
-    mp.undo()
+    return make_adapter(tmp_path_factory.mktemp("adapter"), vp.DoraConfig(r=4), NAMES)
 
 
 def test_last_axis_dfl_gives_identical_outputs_and_stays_float_in_int8(tmp_path, data):

@@ -33,7 +33,6 @@ from visionpeft.export.patch import export_patch
 from visionpeft.export.verify import onnx_outputs
 from visionpeft.io import read_adapter
 from visionpeft.models import resolve_weights
-from visionpeft.settings import datasets_dir
 
 IMGSZ = 64
 NAMES = ["crop", "weed"]
@@ -45,23 +44,6 @@ CASES = {
     "dora_new_classes_fp16": (vp.DoraConfig(r=8), NAMES, 16),
     "bottleneck_lora": ([vp.BottleneckConfig(), vp.LoraConfig(r=4)], NAMES, 32),  # extra nodes, wrapped convs
 }
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _cache(tmp_path_factory):
-    """Cached base exports go to a temporary folder, not the user's cache."""
-    mp = pytest.MonkeyPatch()
-    mp.setenv("VISIONPEFT_CACHE", str(tmp_path_factory.mktemp("cache")))
-    yield
-    mp.undo()
-
-
-@pytest.fixture(scope="module")
-def data() -> Path:
-    path = datasets_dir() / "crop_weed" / "data.yaml"
-    if not path.is_file():
-        pytest.skip(f"crop_weed dataset not found at {path}")
-    return path
 
 
 def make_adapter(folder: Path, configs, names, name: str = "crops") -> Path:

@@ -22,15 +22,6 @@ IMGSZ = 64
 NAMES = ["crop", "weed"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _cache(tmp_path_factory):
-    """Cached base exports go to a temporary folder, not the user's cache."""
-    mp = pytest.MonkeyPatch()
-    mp.setenv("VISIONPEFT_CACHE", str(tmp_path_factory.mktemp("cache")))
-    yield
-    mp.undo()
-
-
 @pytest.fixture(scope="module")
 def coco8():
     path = datasets_dir() / "coco8" / "data.yaml"

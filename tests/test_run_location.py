@@ -47,3 +47,25 @@ def test_train_script_writes_runs_under_the_working_directory(tmp_path: Path) ->
     assert (run / "weights" / "best.safetensors").is_file()
     assert f"run folder {run}" in proc.stdout + proc.stderr  # printed before training
     assert not (tmp_path / "deleted").exists()
+
+
+def test_export_summary_names_its_folder(tmp_path: Path) -> None:
+    import logging
+
+    from ultralytics.utils import LOGGER
+
+    import visionpeft as vp
+    from visionpeft.export import export
+
+    model = vp.load_base("yolo11n.pt")
+    vp.inject(model, vp.LoraConfig(r=2), adapter_name="weeds", names=["crop", "weed"])
+    adapter = vp.save_adapter(model, tmp_path / "weeds.safetensors")
+    lines: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())
+    LOGGER.addHandler(handler)
+    try:
+        export(base="yolo11n.pt", adapter=adapter, imgsz=64, out=tmp_path / "out", verify=False)
+    finally:
+        LOGGER.removeHandler(handler)
+    assert f"visionpeft: export folder {(tmp_path / 'out').resolve()}" in lines

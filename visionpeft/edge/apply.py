@@ -169,6 +169,17 @@ def rebuild(entry: dict, weight: np.ndarray, stored: dict[str, np.ndarray]) -> n
     return new.astype(weight.dtype, copy=False)
 
 
+def bare_graph(patch: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of the patch's graph and metadata without its tensors and recipe: the merged model to fill in."""
+    graph = onnx.ModelProto()
+    graph.CopyFrom(patch)
+    del graph.graph.initializer[:]
+    keep = [p for p in graph.metadata_props if p.key != RECIPE_KEY]
+    del graph.metadata_props[:]
+    graph.metadata_props.extend(keep)
+    return graph
+
+
 def apply_patch(base: str | Path | onnx.ModelProto, patch: str | Path | onnx.ModelProto,
                 out: str | Path | None = None) -> onnx.ModelProto:
     """The merged model: ``patch`` applied to ``base`` (paths or loaded protos, left unchanged).
@@ -192,12 +203,7 @@ def apply_patch(base: str | Path | onnx.ModelProto, patch: str | Path | onnx.Mod
     stored = {t.name: t for t in patch.graph.initializer}
     factors = {n: numpy_helper.to_array(t) for n, t in stored.items() if n.startswith(FACTOR_PREFIX)}
 
-    merged = onnx.ModelProto()
-    merged.CopyFrom(patch)
-    del merged.graph.initializer[:]
-    keep = [p for p in merged.metadata_props if p.key != RECIPE_KEY]
-    del merged.metadata_props[:]
-    merged.metadata_props.extend(keep)
+    merged = bare_graph(patch)
     for e in recipe["initializers"]:
         name, kind = e["name"], e["kind"]
         if kind == "base":

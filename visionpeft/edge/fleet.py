@@ -31,7 +31,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .apply import FACTOR_PREFIX, FLOATS, RECIPE_KEY, PatchError, check_base, load_onnx, read_recipe, rebuild
+from .apply import FACTOR_PREFIX, FLOATS, PatchError, bare_graph, check_base, load_onnx, read_recipe, rebuild
 
 #: tensors at least this large (bytes) are handed over in memory; smaller ones stay in the graph for shape inference
 EXTERNAL_BYTES = 4096
@@ -171,12 +171,7 @@ class Fleet:
         stored = {t.name: t for t in proto.graph.initializer}
         arrays = {n: numpy_helper.to_array(t).astype(np.float32)  # widened once, not at every switch
                   for n, t in stored.items() if n.startswith(FACTOR_PREFIX)}
-        graph = onnx.ModelProto()
-        graph.CopyFrom(proto)
-        del graph.graph.initializer[:]
-        keep = [p for p in graph.metadata_props if p.key != RECIPE_KEY]
-        del graph.metadata_props[:]
-        graph.metadata_props.extend(keep)
+        graph = bare_graph(proto)
         external: dict[str, dict] = {}
         for e in recipe["initializers"]:
             if e["kind"] == "patch":

@@ -14,7 +14,6 @@ latency at a given thread count through the format's own runtime, and with ``dat
 from __future__ import annotations
 
 import functools
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -161,18 +160,10 @@ def runner(path: str | Path, threads: int | None = 1) -> Callable[[np.ndarray], 
 def latency(paths: Sequence[str | Path], imgsz: Sequence[int], runs: int = 50, warmup: int = 5,
             threads: int | None = 1) -> list[float]:
     """Median latency (ms) of each model folder, run in turn so load on the machine hits them alike."""
-    runners = [runner(p, threads) for p in paths]
+    from .verify import median_ms
+
     x = np.random.default_rng(0).random((1, 3, *imgsz), dtype=np.float32)
-    for f in runners:
-        for _ in range(warmup):
-            f(x)
-    times: list[list[float]] = [[] for _ in runners]
-    for _ in range(runs):
-        for f, t in zip(runners, times, strict=True):
-            start = time.perf_counter()
-            f(x)
-            t.append(time.perf_counter() - start)
-    return [1000 * float(np.median(t)) for t in times]
+    return median_ms([functools.partial(runner(p, threads), x) for p in paths], runs, warmup)
 
 
 def folder_mb(path: str | Path) -> float:

@@ -279,6 +279,7 @@ def _export(base, adapter: Path, meta: dict, precision: str, imgsz: list[int], d
     LOGGER.info(f"visionpeft: exported adapter '{name}' merged into '{base}': "
                 + ", ".join(f"{k} {v}" for k, v in files.items()))
     if not verify:
+        LOGGER.info(f"visionpeft: export folder {result.file.parent.resolve()}")
         return result
 
     fp = state["fingerprint"]
@@ -293,5 +294,6 @@ def _export(base, adapter: Path, meta: dict, precision: str, imgsz: list[int], d
     result.report = {"adapter": name, "methods": metadata["methods"], "mergeable": mergeable, "base": str(base),
                      "adapter_file": str(adapter), **report}
     result.report_file = checks.write_report(result.report, result.file.with_suffix(".verify.json"))
-    LOGGER.info(f"{checks.format_table(result.report)}\nvisionpeft: verification written to {result.report_file}")
+    LOGGER.info(f"{checks.format_table(result.report)}\nvisionpeft: verification written to {result.report_file}"
+                f"\nvisionpeft: export folder {result.file.parent.resolve()}")  # like the run folder of training
     return result

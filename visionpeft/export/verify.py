@@ -10,10 +10,11 @@
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -82,22 +83,33 @@ def parity(reference: Sequence[np.ndarray], outputs: Sequence[np.ndarray]) -> di
             "score_max_abs": float(diff[:, 4:].max()) if ref.shape[1] > 4 else 0.0}
 
 
+def median_ms(calls: Sequence[Callable[[], object]], runs: int = 50, warmup: int = 5) -> list[float]:
+    """Median time (ms) of each call; the calls take turns, so machine load affects all alike.
+
+    Turns are blocks of consecutive runs (5 rounds), not single runs: a runtime's idle pool threads spin for a while
+    after each run and, with several threads per model, would steal the cores from the next model's run (measured:
+    a 2-thread FP32 ONNX at 43 ms interleaved run by run vs 13 ms in blocks).
+    """
+    times: list[list[float]] = [[] for _ in calls]
+    block = max(1, runs // 5)
+    for i in range(0, runs, block):
+        for call, t in zip(calls, times, strict=True):
+            for _ in range(warmup if i == 0 else 1):  # warm-up, then one untimed run to wake the pool again
+                call()
+            for _ in range(min(block, runs - i)):
+                start = time.perf_counter()
+                call()
+                t.append(time.perf_counter() - start)
+    return [1000 * float(np.median(t)) for t in times]
+
+
 def latency_ms(paths: Sequence[str | Path], imgsz: Sequence[int], runs: int = 50, warmup: int = 5,
                threads: int | None = 1) -> list[float]:
-    """Median onnxruntime CPU latency of each file; the files run in turn, so machine load affects all alike."""
+    """Median onnxruntime CPU latency of each file (:func:`median_ms`)."""
+    x = np.random.default_rng(0).random((1, 3, *imgsz), dtype=np.float32)
     sessions = [_session(p, threads) for p in paths]
-    feeds = [{s.get_inputs()[0].name: np.random.default_rng(0).random((1, 3, *imgsz), dtype=np.float32)}
-             for s in sessions]
-    for s, f in zip(sessions, feeds, strict=True):
-        for _ in range(warmup):
-            s.run(None, f)
-    times: list[list[float]] = [[] for _ in sessions]
-    for _ in range(runs):
-        for s, f, t in zip(sessions, feeds, times, strict=True):
-            start = time.perf_counter()
-            s.run(None, f)
-            t.append(time.perf_counter() - start)
-    return [1000 * float(np.median(t)) for t in times]
+    calls = [functools.partial(s.run, None, {s.get_inputs()[0].name: x}) for s in sessions]
+    return median_ms(calls, runs, warmup)
 
 
 def val_onnx(path: str | Path, data: str | Path) -> dict:
