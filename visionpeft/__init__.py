@@ -10,6 +10,7 @@ The pipeline API::
     vp.load_adapter(other_copy_of_base, "weeds.safetensors")  # checks the base fingerprint
     vp.set_adapter(model, "weeds")                             # switch adapters without reloading the base
     plain = vp.merge(model)                                    # a plain DetectionModel / timm model
+    yolo = vp.YOLO("yolo11n.pt", adapters=["weeds.safetensors"])  # Ultralytics predict/val/track/export
 """
 
 from __future__ import annotations
