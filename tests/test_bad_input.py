@@ -19,9 +19,9 @@ import yaml
 
 from visionpeft import settings
 from visionpeft.bench.cli import main as bench_main
+from visionpeft.datasets import dropped_images
 from visionpeft.train import load_config, train
 from visionpeft.train.cli import main as cli_main
-from visionpeft.train.data import dropped_images
 
 ROOT = Path(__file__).resolve().parents[1]
 CROP_WEED = settings.datasets_dir() / "crop_weed"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import json
 from pathlib import Path
 
 import numpy as np
@@ -73,12 +74,15 @@ def test_edge_format_is_verified_against_the_unmerged_model(adapter, data, tmp_p
     folder = result.file
     assert folder.parent == tmp_path and folder.name == f"crops{'_int8' if quantize == 8 else ''}_{fmt}_model"
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([folder.name, f"{folder.name}.verify.json"])
-    e = next(iter(result.report["exports"].values()))
-    assert e["latency_ms"] > 0 and e["size_mb"] > 0 and f"{fmt} {result.metadata['precision']}" in str(result)
+    e = next(iter(result.report.exports.values()))
+    assert e.latency_ms > 0 and e.size_mb > 0 and f"{fmt} {result.metadata['precision']}" in str(result)
     if quantize == 32:
-        assert result.ok and e["parity"]["max_rel"] <= 1e-4  # the unmerged adapter model, reproduced
+        assert result.ok and e.parity.max_rel <= 1e-4  # the unmerged adapter model, reproduced
     else:
-        assert e["size_mb"] < 0.5 * 10  # int8 weights
+        assert e.size_mb < 0.5 * 10  # int8 weights
+    report = json.loads(result.report_file.read_text())  # the keys, in the order, report files have always had
+    assert list(report) == ["adapter", "format", "precision", "imgsz", "threads", "runs", "exports", "checks", "ok"]
+    assert list(report["exports"]) == [str(quantize)] and report == json.loads(json.dumps(result.report.to_dict()))
     meta = yaml.safe_load((folder / "metadata.yaml").read_text())
     assert meta["names"] == {0: "crop", 1: "weed"} and meta["visionpeft"]["adapter"] == "crops"
     boxes = YOLO(str(folder), task="detect").predict(sample_images(data, "val", 1)[0], imgsz=IMGSZ, verbose=False)

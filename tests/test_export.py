@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import visionpeft as vp
-from visionpeft.export import export, export_onnx, float_nodes, read_metadata
+from visionpeft.export import ExportOptions, export, export_onnx, float_nodes, read_metadata
 from visionpeft.export.cli import main as cli
 from visionpeft.export.images import letterbox, sample_images
 from visionpeft.export.verify import onnx_outputs, torch_outputs
@@ -64,6 +64,14 @@ def test_lora_export_matches_unmerged_model_and_adds_no_nodes(lora_export):
     assert fp32["initializers"] == report["base"]["initializers"]
     assert fp32["latency_ms"] > 0 and report["base"]["latency_ms"] > 0
     assert result.file.name == "weeds.onnx" and result.report_file.name == "weeds.verify.json"
+    # the typed report writes the keys, in the order, report files have always had
+    assert report == json.loads(json.dumps(result.report.to_dict()))
+    assert list(report) == ["adapter", "methods", "mergeable", "base", "adapter_file", "imgsz", "images", "threads",
+                            "runs", "exports", "checks", "ok"]
+    assert list(fp32) == ["file", "size_mb", "nodes", "initializers", "parity", "extra_nodes", "latency_ms",
+                          "size_vs_fp32", "latency_vs_fp32", "latency_vs_base"]
+    assert report["checks"]["parity_fp32"] == {"ok": True, "value": fp32["parity"]["max_rel"], "limit": 1e-4}
+    assert "PASS parity_fp32" in str(result) and "fp32: weeds.onnx" in str(result)
 
     # the parity check can fail: the adapter moves the outputs far more than the tolerance
     batches = [letterbox(p, (IMGSZ, IMGSZ)) for p in sample_images(None)]
@@ -97,19 +105,19 @@ def test_ultralytics_predicts_with_the_export(lora_export):
 def test_dora_merges_without_extra_nodes(tmp_path):
     adapter, _ = make_adapter(tmp_path, vp.DoraConfig(r=4), "dora")
     result = export(adapter=adapter, imgsz=IMGSZ, runs=0)
-    fp32 = result.report["exports"]["fp32"]
-    assert result.ok and fp32["extra_nodes"] == 0 and fp32["parity"]["max_rel"] <= 1e-4
-    assert "latency_ms" not in fp32  # runs=0 skips timing
+    fp32 = result.report.exports["fp32"]
+    assert result.ok and fp32.extra_nodes == 0 and fp32.parity.max_rel <= 1e-4
+    assert fp32.latency_ms is None and "latency_ms" not in fp32.to_dict()  # runs=0 skips timing
 
 
 def test_bottleneck_exports_with_its_extra_nodes(tmp_path):
     adapter, _ = make_adapter(tmp_path, vp.BottleneckConfig(r=8), "bn")
     result = export(adapter=adapter, imgsz=IMGSZ, runs=2)
-    fp32 = result.report["exports"]["fp32"]
-    assert result.ok and not result.report["mergeable"]
-    assert fp32["extra_nodes"] > 0 and "no_extra_nodes" not in result.report["checks"]
-    assert fp32["parity"]["max_rel"] <= 1e-4
-    assert f"(+{fp32['extra_nodes']})" in str(result)
+    fp32 = result.report.exports["fp32"]
+    assert result.ok and not result.report.mergeable
+    assert fp32.extra_nodes > 0 and "no_extra_nodes" not in result.report.checks
+    assert fp32.parity.max_rel <= 1e-4
+    assert f"(+{fp32.extra_nodes})" in str(result)
 
 
 def test_fp16_export_loads_in_onnxruntime(tmp_path, lora_export):
@@ -121,7 +129,7 @@ def test_fp16_export_loads_in_onnxruntime(tmp_path, lora_export):
     assert any(w.data_type == onnx.TensorProto.FLOAT16 for w in weights)
     session = ort.InferenceSession(str(result.file), providers=["CPUExecutionProvider"])
     assert session.get_inputs()[0].type == "tensor(float)"  # callers keep feeding float32
-    assert result.report["exports"]["fp16"]["parity"]["score_max_abs"] < 0.05
+    assert result.report.exports["fp16"].parity.score_max_abs < 0.05
     assert json.loads(read_metadata(result.file)["visionpeft"])["precision"] == "fp16"
 
 
@@ -142,9 +150,9 @@ def test_int8_keeps_the_decode_in_float(tmp_path, lora_export, coco8):
     output = producers[int8.graph.output[0].name]
     assert output.op_type == "Concat" and all(producers[i].op_type != "DequantizeLinear" for i in output.input)
     assert sum(n.op_type == "QuantizeLinear" for n in int8.graph.node) > 50  # the backbone is quantized
-    assert result.report["exports"]["int8"]["size_mb"] < 0.4 * result.report["exports"]["fp32"]["size_mb"]
+    assert result.report.exports["int8"].size_mb < 0.4 * result.report.exports["fp32"].size_mb
     # class scores survive: one INT8 scale shared with box pixels would round them all to zero
-    batches = [letterbox(p, (IMGSZ, IMGSZ)) for p in result.report["images"]]
+    batches = [letterbox(p, (IMGSZ, IMGSZ)) for p in result.report.images]
     ref, out = np.concatenate(torch_outputs(model, batches)), np.concatenate(onnx_outputs(result.file, batches))
     assert np.abs(ref[:, 4:] - out[:, 4:]).max() < 0.3 and out[:, 4:].max() > 0.5 * ref[:, 4:].max()
 
@@ -152,7 +160,7 @@ def test_int8_keeps_the_decode_in_float(tmp_path, lora_export, coco8):
 def test_val_reports_onnx_and_pytorch_map(tmp_path, coco8):
     adapter, _ = make_adapter(tmp_path, vp.LoraConfig(r=4), "coco", names=None)
     result = export(adapter=adapter, imgsz=128, data=coco8, val=True, runs=0)
-    onnx_map, torch_map = result.report["exports"]["fp32"]["map50_95"], result.report["pytorch"]["map50_95"]
+    onnx_map, torch_map = result.report.exports["fp32"].map50_95, result.report.pytorch.map50_95
     assert torch_map > 0 and abs(onnx_map - torch_map) < 0.01
 
 
@@ -185,6 +193,12 @@ def test_clear_errors(tmp_path, lora_export, capsys):
         export(base="yolo11n.pt", adapter=adapter, quantize=8)
     with pytest.raises(FileNotFoundError, match="weights/best.safetensors"):
         export(run=tmp_path / "no_run")
+    with pytest.raises(ValueError, match="Unsupported export format 'tflite'"):  # keywords override the options
+        export(ExportOptions(base="yolo11n.pt", adapter=adapter), format="tflite")
+    with pytest.raises(ValueError, match="quantize must be 32, 16 or 8, not 4"):
+        export(ExportOptions(base="yolo11n.pt", adapter=adapter, quantize=4))
+    with pytest.raises(TypeError, match="ExportOptions or keyword arguments"):
+        export("yolo11n.pt", adapter=adapter)
     assert cli(["--adapter", str(adapter), "--base", "yolo11n.pt", "--format", "tflite"]) == 2
     assert "Unsupported export format" in capsys.readouterr().err
 

@@ -150,7 +150,7 @@ def test_onnx_export_holds_all_classes_and_ultralytics_reads_it(keep_export):
     from visionpeft.export import read_metadata
 
     result, _ = keep_export
-    assert result.ok, result.report["checks"]  # fp32 parity against the unmerged adapter beside the base
+    assert result.ok, result.report.checks  # fp32 parity against the unmerged adapter beside the base
     metadata = read_metadata(result.files["fp32"])
     names = ast.literal_eval(metadata["names"])  # Ultralytics writes them as a Python dict literal
     assert len(names) == 82 and names[0] == "person" and [names[80], names[81]] == NAMES
@@ -160,8 +160,8 @@ def test_onnx_export_holds_all_classes_and_ultralytics_reads_it(keep_export):
         predicted = YOLO(str(file), task="detect").predict(image, imgsz=IMGSZ, conf=0.01, verbose=False)[0]
         assert len(predicted.names) == 82 and predicted.boxes.cls.max() < 82
     # the new classes were validated relabelled after the base's (crop = 80): a real, non-zero mAP
-    assert result.report["exports"]["fp32"]["map50_95"] > 0
-    assert abs(result.report["exports"]["fp32"]["map50_95"] - result.report["pytorch"]["map50_95"]) < 0.01
+    assert result.report.exports["fp32"].map50_95 > 0
+    assert abs(result.report.exports["fp32"].map50_95 - result.report.pytorch.map50_95) < 0.01
 
 
 def test_int8_keeps_the_joined_outputs_in_float(keep_export):

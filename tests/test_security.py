@@ -205,7 +205,7 @@ def test_dataset_with_other_class_names_is_refused(tmp_path, capsys):
 
 
 def test_check_class_names_accepts_lists_dicts_and_dataset_names():
-    from visionpeft.train.data import check_class_names
+    from visionpeft.datasets import check_class_names
 
     check_class_names(["crop", "weed"], "crop_weed")
     check_class_names({0: "crop", 1: "weed"}, "crop_weed")

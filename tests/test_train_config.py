@@ -10,12 +10,13 @@ import pytest
 import yaml
 
 from visionpeft import settings
+from visionpeft.datasets import DATASETS_DIR, RESOLVED_NAME
+from visionpeft.fonts import FONT_NAMES, ensure_fonts, local_font
 from visionpeft.train import ConfigError, PeftSpec, load_config, resolve_dataset
 from visionpeft.train.augment import build_transforms, to_ultralytics
 from visionpeft.train.cli import main as cli_main
 from visionpeft.train.config import CONFIGS_DIR, SECTIONS, parse_overrides, ultralytics_train_keys
-from visionpeft.train.data import DATASETS_DIR, RESOLVED_NAME
-from visionpeft.train.offline import FONT_NAMES, amp_works, ensure_fonts, local_font, offline_amp_check
+from visionpeft.train.offline import amp_works, offline_amp_check
 
 MINIMAL = {"data": "coco8.yaml", "model": "yolo11n.pt"}
 

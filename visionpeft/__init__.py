@@ -15,9 +15,8 @@ The pipeline API::
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
 from . import settings  # noqa: F401  (sets the offline switches before Ultralytics is imported)
+from .version import __version__
 
 try:
     import torch  # noqa: F401
@@ -25,6 +24,9 @@ except ImportError as _error:  # a device applying patches (python -m visionpeft
     _NO_TORCH: ImportError | None = _error
 else:
     _NO_TORCH = None
+    from .integrations.ultralytics import check_version as _check_ultralytics
+
+    _check_ultralytics()  # one clear error for an untested Ultralytics, before anything imports it
     from .inject import (
         base_state_dict,
         delete_adapter,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -20,8 +20,7 @@ from .families import Family, family_of
 from .frozen_norm import freeze_norms, unfreeze_norms
 from .methods import AdaptedModule, AdapterConfig, config_from_dict
 from .methods.trainable import TrainableCopy
-
-STATE_ATTR = "visionpeft"
+from .modules import STATE_ATTR, adapted_modules, base_named_modules, replace_module
 
 
 def peft_state(model: nn.Module) -> dict:
@@ -30,24 +29,6 @@ def peft_state(model: nn.Module) -> dict:
     if state is None:
         raise ValueError("This model carries no visionpeft adapters. Call visionpeft.inject(model, config) first.")
     return state
-
-
-def base_named_modules(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module, nn.Module | None]]:
-    """``(name, module, wrapper)`` over the model as it was before injection: wrappers are transparent."""
-    for name, child in module.named_children():
-        full = f"{prefix}{name}"
-        if isinstance(child, AdaptedModule):
-            yield full, child.base_layer, child
-            yield from base_named_modules(child.base_layer, f"{full}.")
-        else:
-            yield full, child, None
-            yield from base_named_modules(child, f"{full}.")
-
-
-def adapted_modules(model: nn.Module) -> Iterator[tuple[str, AdaptedModule]]:
-    for name, m in model.named_modules():
-        if isinstance(m, AdaptedModule):
-            yield name, m
 
 
 def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -65,12 +46,6 @@ def fingerprint(model: nn.Module) -> dict[str, str]:
         arch.update(f"{k}:{tuple(v.shape)}:{v.dtype};".encode())
         weights.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return {"architecture": arch.hexdigest()[:16], "weights": weights.hexdigest()[:16]}
-
-
-def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    """Put ``module`` at the dotted ``name`` of ``model``."""
-    parent, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, attr, module)
 
 
 def _matches(name: str, patterns: Sequence[str]) -> bool:
@@ -253,23 +228,7 @@ def frozen_norm_modules(model: nn.Module) -> list[nn.Module]:
 
 def merge_(model: nn.Module) -> nn.Module:
     """Fold the active mergeable adapters into the base weights, in place; other adapters are dropped."""
-    for name, wrapper in reversed(list(adapted_modules(model))):  # inner wrappers first
-        active = wrapper.active_adapter
-        if active is None or wrapper.adapters[active].mergeable:
-            replacement = wrapper.merged()
-        else:  # keep a wrapper holding only the active, non-mergeable adapter
-            for other in [k for k in wrapper.adapters if k != active]:
-                del wrapper.adapters[other]
-            continue
-        replace_module(model, name, replacement)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    unfreeze_norms(model)  # a merged model is a plain one: its BatchNorms behave as the base's again
-    if not any(True for _ in adapted_modules(model)):
-        family_of(model).on_unload(model)
-        if hasattr(model, STATE_ATTR):
-            delattr(model, STATE_ATTR)
-    return model
+    return family_of(model).merge_(model)
 
 
 def merge(model: nn.Module) -> nn.Module:

@@ -22,6 +22,7 @@ from safetensors.torch import save as save_bytes
 from torch import nn
 
 from .inject import adapted_modules, delete_adapter, fingerprint, inject, peft_state, set_adapter
+from .version import __version__
 
 FORMAT = "visionpeft.adapter.v1"
 _UMASK_LOCK = threading.Lock()
@@ -93,8 +94,6 @@ def adapter_state_dict(model: nn.Module, adapter_name: str | None = None,
 
 
 def adapter_metadata(model: nn.Module, adapter_name: str | None = None) -> dict:
-    from . import __version__
-
     state = peft_state(model)
     name = adapter_name or state["active"]
     if name not in state["adapters"]:

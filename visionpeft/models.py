@@ -6,16 +6,15 @@ needs (its layer classes, torch.nn layers, a few data types) are allowed, so a c
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import pickle
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from . import settings
+from .integrations.ultralytics import legacy_checkpoint_globals, prepare_loaded_model, restricted_builds
+from .paths import resolve_weights
 
 #: modules whose ``nn.Module`` classes a base checkpoint may name
 LAYER_MODULES = ("torch.nn.modules", "ultralytics.nn.modules", "ultralytics.nn.tasks")
@@ -24,65 +23,14 @@ DATA_GLOBALS = ("collections.OrderedDict", "collections.defaultdict", "builtins.
                 "builtins.slice", "builtins.range", "builtins.complex", "ultralytics.utils.IterableSimpleNamespace")
 
 
-def resolve_weights(source: str | Path) -> Path:
-    """A weights file given as a path, or as a bare name found in the assets' ``weights/`` folder."""
-    p = Path(source).expanduser()
-    candidates = [p] if p.is_absolute() or p.parent != Path(".") else [p, settings.weights_dir() / p.name]
-    for c in candidates:
-        if c.is_file():
-            return c.resolve()
-    looked = ", ".join(str(c.resolve()) for c in candidates)
-    raise FileNotFoundError(
-        f"Base weights '{source}' not found (looked in: {looked}). Pass an existing path, or set "
-        f"{settings.ASSETS_ENV} to the folder whose weights/ holds it."
-    )
-
-
-@contextlib.contextmanager
-def restricted_builds() -> Iterator[None]:
-    """Ultralytics' restricted model building: ``parse_model`` resolves a YAML's ``activation`` without ``eval``
-    and accepts only ``nn.Module`` layers. Mirrors the thread flag ``ultralytics.nn.tasks._SafeLoad.loading`` sets
-    (without its process-wide allow-list): a model class allowed in a checkpoint can be *called* by the pickle
-    (REDUCE) with a crafted config, and a model YAML is a file a user may receive."""
-    from ultralytics.nn import tasks
-
-    safe = getattr(tasks, "_SafeLoad", None)
-    if safe is None or not getattr(safe, "SUPPORTED", False):
-        import ultralytics
-
-        raise RuntimeError(f"Ultralytics {ultralytics.__version__} (or torch {torch.__version__}) has no restricted "
-                           "model loading; upgrade both (pip install -U ultralytics torch) to load Ultralytics models.")
-    previous = getattr(safe._local, "active", False)
-    safe._local.active = True
-    try:
-        yield
-    finally:
-        safe._local.active = previous
-
-
-def _restricted_getattr(obj, name: str):
-    """``builtins.getattr`` as some Ultralytics checkpoints pickle it (``Detect.forward``), limited to layer
-    attributes; mirrors ``_getattr`` in ``ultralytics.nn.tasks._SafeLoad._build``."""
-    if isinstance(obj, type) and issubclass(obj, nn.Module) and not name.startswith("__"):
-        return getattr(obj, name)
-    if isinstance(obj, nn.Module) and name in {"forward", "forward_fuse"}:
-        return getattr(type(obj), name).__get__(obj)
-    raise pickle.UnpicklingError(f"getattr({type(obj).__name__}, {name!r}) is not allowed in a checkpoint")
-
-
 def _aliases() -> dict[str, object]:
-    """Globals allowed under another name: Ultralytics' legacy paths (``torch_safe_load``'s ``temporary_modules``)
-    and numpy's scalar/dtype reconstructors (metrics saved as numpy floats)."""
+    """Globals allowed under another name: Ultralytics' legacy paths (and its ``getattr``, restricted) and numpy's
+    scalar/dtype reconstructors (metrics saved as numpy floats)."""
     import numpy as np
-    from ultralytics.nn.tasks import DetectionModel
-    from ultralytics.utils import IterableSimpleNamespace
 
     scalar = np.float64(0).__reduce__()[0]
     return {
-        "builtins.getattr": _restricted_getattr,
-        "ultralytics.yolo.utils.IterableSimpleNamespace": IterableSimpleNamespace,
-        "ultralytics.nn.modules.block.Silence": nn.Identity,  # YOLOv9e
-        "ultralytics.nn.tasks.YOLOv10DetectionModel": DetectionModel,
+        **legacy_checkpoint_globals(),
         "numpy.core.multiarray.scalar": scalar, "numpy._core.multiarray.scalar": scalar, "numpy.dtype": np.dtype,
         "pathlib.PosixPath": type(Path()), "pathlib.WindowsPath": type(Path()),
     }
@@ -135,9 +83,6 @@ def safe_globals_for(path: Path) -> list[tuple[object, str]]:
 def load_checkpoint(path: str | Path) -> nn.Module:
     """The model of an Ultralytics ``.pt`` checkpoint, unpickled with ``weights_only=True`` and an allow-list, then
     prepared as ``ultralytics.nn.tasks.load_checkpoint`` prepares it (float32, eval, args, task, stride)."""
-    from ultralytics.nn.tasks import guess_model_task
-    from ultralytics.utils import DEFAULT_CFG_DICT
-
     path = Path(path)
     entries = safe_globals_for(path)
     try:
@@ -160,19 +105,7 @@ def load_checkpoint(path: str | Path) -> nn.Module:
                          "written by Ultralytics (model.save(), or a training run's weights/best.pt).")
     if ckpt.get("modelopt"):
         raise ValueError(f"'{path}' is a quantization-aware (QAT) checkpoint; visionpeft needs a float base model.")
-    # as ultralytics.nn.tasks.load_checkpoint (8.4) does after torch_safe_load
-    model = model.float()
-    model.args = {**DEFAULT_CFG_DICT, **(ckpt.get("train_args") or {})}
-    model.pt_path = str(path)
-    model.task = getattr(model, "task", None) or guess_model_task(model)
-    if not hasattr(model, "stride"):
-        model.stride = torch.tensor([32.0])
-    for m in model.modules():
-        if hasattr(m, "inplace"):
-            m.inplace = True
-        elif isinstance(m, nn.Upsample) and not hasattr(m, "recompute_scale_factor"):
-            m.recompute_scale_factor = None
-    return model.eval()
+    return prepare_loaded_model(model, ckpt.get("train_args"), path)
 
 
 def load_base(source: str | Path | nn.Module, nc: int | None = None, **timm_kwargs) -> nn.Module:

@@ -23,11 +23,12 @@ from typing import Any
 from torch import nn
 from ultralytics import YOLO as UltralyticsYOLO
 
+from .class_offset import names_offset, offset_dataset
+from .datasets import check_class_names, load_dataset
 from .inject import merge, set_adapter
+from .integrations.ultralytics import DetectorSource, checkpoint_path, set_export_name
 from .io import load_adapter
 from .models import load_base
-from .train.class_offset import names_offset, offset_dataset
-from .train.data import check_class_names, load_dataset
 
 ADAPTER_IN_RUN = Path("weights") / "best.safetensors"
 
@@ -38,7 +39,7 @@ def adapter_path(source: str | Path) -> Path:
     return p / ADAPTER_IN_RUN if p.is_dir() else p
 
 
-class YOLO(UltralyticsYOLO):
+class YOLO(DetectorSource, UltralyticsYOLO):
     """Ultralytics ``YOLO`` over ``model`` (weights name/path, model YAML, or a module, plain or with adapters),
     with the adapter files (or run folders) in ``adapters`` loaded onto it; the last one loaded is active.
 
@@ -48,29 +49,21 @@ class YOLO(UltralyticsYOLO):
 
     def __init__(self, model: str | Path | nn.Module = "yolo11n.pt", adapters: str | Path | Iterable = (),
                  task: str | None = None, verbose: bool = False) -> None:
-        object.__setattr__(self, "_vp_source", model)  # read by _load below, before nn.Module's set-up
-        # Ultralytics dispatches on the string: YAMLs go to _new, the rest to _load (a module prints as 25 KB)
+        object.__setattr__(self, "_vp_source", model)  # read by load_model below, before nn.Module's set-up
+        # Ultralytics dispatches on the string (YAML or not); a module prints as 25 KB
         super().__init__(model=model if isinstance(model, (str, Path)) else "model.pt", task=task, verbose=verbose)
         object.__setattr__(self, "_merged", {})  # adapter name (None: the base) -> merged plain model
         for source in [adapters] if isinstance(adapters, (str, Path)) else adapters:
             self.load_adapter(source)
         self._activate(self.active_adapter)
 
-    # Mirrors ultralytics.engine.model.Model._load / _new (called by Model.__init__): the same attributes, but the
-    # model comes from visionpeft.load_base (assets lookup, no download, no arbitrary unpickling).
-    def _load(self, weights: str, task: str | None = None) -> None:
-        source = self.__dict__.pop("_vp_source", weights)
+    def load_model(self, source: str) -> tuple[nn.Module, str | None]:
+        """The base from :func:`visionpeft.load_base` (assets lookup, no download, no arbitrary unpickling), for
+        Ultralytics' ``Model.__init__`` (through :class:`~visionpeft.integrations.ultralytics.DetectorSource`)."""
+        source = self.__dict__.pop("_vp_source", source)
         base = load_base(source)
         self._modules["_adapted"] = base
-        self.model = base
-        self.ckpt, self.task = {}, "detect"
-        self.ckpt_path = getattr(base, "pt_path", None) or (str(source) if isinstance(source, (str, Path)) else None)
-        self.overrides = {"task": "detect", "model": self.ckpt_path or type(base).__name__}
-        self.model_name = self.ckpt_path
-
-    def _new(self, cfg: str, task: str | None = None, model: Any = None, verbose: bool = False) -> None:
-        self._load(cfg, task)
-        self.cfg = cfg
+        return base, checkpoint_path(base) or (str(source) if isinstance(source, (str, Path)) else None)
 
     # -- adapters ---------------------------------------------------------------------------------------------
     @property
@@ -111,7 +104,7 @@ class YOLO(UltralyticsYOLO):
             name = adapter_name or Path(str(self.ckpt_path or "model")).stem
             # Ultralytics' exporter names its file after pt_path: '<adapter>.onnx' in the working directory,
             # never beside the base weights (the assets folder may be read-only)
-            merged.pt_path = str(Path.cwd() / f"{name}.pt")
+            set_export_name(merged, Path.cwd() / f"{name}.pt")
             self._merged[adapter_name] = merged
         self.model = merged
         self.predictor = None  # Ultralytics reuses a predictor (and its fused model) across calls

@@ -206,19 +206,17 @@ def bench_formats(adapter: Path, imgsz: int, data: Path, threads: list[int], run
     from ..export.verify import latency_ms
 
     onnx_result = export(adapter=adapter, imgsz=imgsz, data=data, out=work / "onnx", verify=True, val=val, runs=0)
+    fp32, torch_acc = onnx_result.report.exports["fp32"], onnx_result.report.pytorch
     rows = [{"format": "ONNX (onnxruntime)", "precision": "fp32", "path": onnx_result.files["fp32"],
-             "size_mb": onnx_result.report["exports"]["fp32"]["size_mb"],
-             "max_rel": onnx_result.report["exports"]["fp32"]["parity"]["max_rel"],
-             "map50_95": onnx_result.report["exports"]["fp32"].get("map50_95"),
-             "pytorch_map50_95": (onnx_result.report.get("pytorch") or {}).get("map50_95")}]
+             "size_mb": fp32.size_mb, "max_rel": fp32.parity.max_rel, "map50_95": fp32.map50_95,
+             "pytorch_map50_95": torch_acc.map50_95 if torch_acc else None}]
     for fmt, quantize in (("openvino", 32), ("openvino", 8), ("ncnn", 32)):
         r = export(adapter=adapter, imgsz=imgsz, data=data, out=work / "edge", format=fmt, quantize=quantize,
                    verify=True, val=val, runs=0, calib=calib)
-        e = next(iter(r.report["exports"].values()))
+        e, torch_acc = next(iter(r.report.exports.values())), r.report.pytorch
         rows.append({"format": {"openvino": "OpenVINO", "ncnn": "NCNN"}[fmt], "precision": r.metadata["precision"],
-                     "path": r.file, "size_mb": e["size_mb"], "max_rel": e["parity"]["max_rel"],
-                     "map50_95": e.get("map50_95"),
-                     "pytorch_map50_95": (r.report.get("pytorch") or {}).get("map50_95")})
+                     "path": r.file, "size_mb": e.size_mb, "max_rel": e.parity.max_rel, "map50_95": e.map50_95,
+                     "pytorch_map50_95": torch_acc.map50_95 if torch_acc else None})
     for t in threads:
         onnx_ms = latency_ms([rows[0]["path"]], (imgsz, imgsz), runs=runs, threads=t)
         edge_ms = formats.latency([r["path"] for r in rows[1:]], (imgsz, imgsz), runs=runs, threads=t)
@@ -240,10 +238,11 @@ def ultralytics_int8(model, src_name: str, data: Path, imgsz: int, calib: int, f
 
     from ..export.formats import _fraction
     from ..export.onnx import _quiet, telemetry_off
+    from ..integrations.ultralytics import set_export_name
 
     telemetry_off()
     m = copy.deepcopy(model).cpu()
-    m.pt_path = str(folder / f"{src_name}.pt")
+    set_export_name(m, folder / f"{src_name}.pt")
     overrides = {"format": "onnx", "imgsz": imgsz, "batch": 1, "device": "cpu", "quantize": 8, "simplify": True,
                  "data": str(data), "split": "train", "fraction": _fraction(data, calib), "verbose": False,
                  "mode": "export", "nms": None, "dynamic": False}
@@ -290,12 +289,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     from ultralytics.utils import YAML
 
+    from ..datasets import resolve_dataset
     from ..export.pipeline import resolve_inputs
+    from ..fonts import ensure_fonts
     from ..inject import merge
     from ..io import load_adapter
     from ..models import load_base
-    from ..train.data import resolve_dataset
-    from ..train.offline import ensure_fonts
 
     parts = {p.strip() for p in args.parts.split(",") if p.strip()}
     unknown = parts - {"fleet", "formats", "int8"}

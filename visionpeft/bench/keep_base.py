@@ -82,10 +82,10 @@ def _model(run_dir: Path, kind: str, base: str, keep: bool):
 def measure(model, name: str, new_data: Path | None, base_data: Path, base_onnx: Path, imgsz: int, out_dir: Path,
             runs: int) -> dict:
     """mAP of the model's new and base classes (PyTorch; ONNX for a model that has both), ONNX size, latency."""
+    from ..class_offset import names_offset, offset_dataset
+    from ..datasets import load_dataset
     from ..export.onnx import export_onnx
     from ..export.verify import latency_ms, val_onnx, val_torch
-    from ..train.class_offset import names_offset, offset_dataset
-    from ..train.data import load_dataset
 
     base_names = load_dataset(base_data)[0]["names"]
     has_base = names_offset(model.names, base_names) == 0
@@ -106,9 +106,9 @@ def measure(model, name: str, new_data: Path | None, base_data: Path, base_onnx:
 
 def run_keep_benchmark(cfg: dict, out_dir: str | Path | None = None) -> dict[str, dict]:
     """Train and measure each run of ``cfg`` not yet done in ``out_dir``; returns every result so far by name."""
+    from ..datasets import resolve_dataset
     from ..export.onnx import export_onnx
     from ..models import load_base
-    from ..train.data import resolve_dataset
 
     out_dir = Path(out_dir or Path(cfg.get("project", "runs/benchmark")) / cfg.get("name", "keep_base")).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)

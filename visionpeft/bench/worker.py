@@ -20,8 +20,8 @@ def build_trainer(spec: dict):
     """The trainer of a run: ``PeftDetectionTrainer`` for PEFT, Ultralytics' ``DetectionTrainer`` for baselines."""
     from ultralytics.models.yolo.detect import DetectionTrainer
 
+    from ..datasets import resolve_dataset
     from ..train.config import load_config
-    from ..train.data import resolve_dataset
     from ..train.trainer import PeftDetectionTrainer
 
     config = load_config(spec["config"])
@@ -42,16 +42,13 @@ def run_one(spec: dict) -> dict:
     import visionpeft  # noqa: F401  (offline switches before Ultralytics)
 
     from ..export.verify import latency_ms
+    from ..fonts import ensure_fonts
     from ..inject import trainable_report
-    from ..train.offline import ensure_fonts
-    from ..train.summary import peak_rss_mib
+    from ..train.summary import EpochTimer, peak_rss_mib
 
     ensure_fonts()
     trainer = build_trainer(spec)
-    epoch_times: list[float] = []
-    start: list[float] = []
-    trainer.add_callback("on_train_epoch_start", lambda t: start.append(time.perf_counter()))
-    trainer.add_callback("on_train_epoch_end", lambda t: epoch_times.append(time.perf_counter() - start[-1]))
+    timer = EpochTimer().attach(trainer)
     t0 = time.perf_counter()
     trainer.train()
     wall = time.perf_counter() - t0
@@ -82,7 +79,7 @@ def run_one(spec: dict) -> dict:
         "trainable": int(trainable),
         "total": int(total),
         "trainable_pct": 100.0 * trainable / max(total, 1),
-        "sec_per_epoch": float(np.mean(epoch_times)) if epoch_times else float("nan"),
+        "sec_per_epoch": float(np.mean(timer.train)) if timer.train else float("nan"),  # training only
         "wall_s": wall,
         "peak_rss_mb": peak_rss,
         "task_file_kb": task_file.stat().st_size / 1024,

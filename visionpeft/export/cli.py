@@ -13,6 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from ..io import AdapterFileError
+from .options import ExportOptions
 
 
 def parser() -> argparse.ArgumentParser:
@@ -46,36 +47,40 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def options(args: argparse.Namespace) -> ExportOptions:
+    """The parsed flags as ``export``'s options (``--threads 0``: all cores)."""
+    imgsz = None if not args.imgsz else args.imgsz[0] if len(args.imgsz) == 1 else args.imgsz
+    return ExportOptions(base=args.base, adapter=args.adapter, run=args.run, format=args.format,
+                         quantize=args.quantize, imgsz=imgsz, dynamic=args.dynamic, opset=args.opset, val=args.val,
+                         data=args.data, out=args.out, verify=args.verify, calib=args.calib, runs=args.runs,
+                         threads=args.threads or None, check_names=args.check_names)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    opts = options(args)
+    if args.patch:
+        return _patch(opts, args.base_onnx)
     from .pipeline import export
 
-    imgsz = None if not args.imgsz else args.imgsz[0] if len(args.imgsz) == 1 else args.imgsz
-    if args.patch:
-        return _patch(args, imgsz)
     try:
-        result = export(base=args.base, adapter=args.adapter, run=args.run, format=args.format,
-                        quantize=args.quantize, imgsz=imgsz, dynamic=args.dynamic, opset=args.opset, val=args.val,
-                        data=args.data, out=args.out, verify=args.verify, calib=args.calib, runs=args.runs,
-                        threads=args.threads or None, check_names=args.check_names)
+        result = export(opts)  # logs the report's table
     except (AdapterFileError, FileNotFoundError, ValueError, TypeError, ImportError) as e:  # ImportError: no [edge]
         print(f"visionpeft-export: error: {' '.join(str(e).split())}", file=sys.stderr)  # one line
         return 2
     if not result.ok:
-        failed = [k for k, c in result.report["checks"].items() if not c["ok"]]
+        failed = [k for k, c in result.report.checks.items() if not c.ok]
         print(f"visionpeft-export: verification failed: {', '.join(failed)} (see {result.report_file})",
               file=sys.stderr)
         return 1
     return 0
 
 
-def _patch(args: argparse.Namespace, imgsz) -> int:
+def _patch(opts: ExportOptions, base_onnx: str | None) -> int:
     from .patch import export_patch
 
     try:
-        print(export_patch(base=args.base, adapter=args.adapter, run=args.run, quantize=args.quantize, imgsz=imgsz,
-                           base_onnx=args.base_onnx, out=args.out, opset=args.opset, data=args.data,
-                           check_names=args.check_names))
+        print(export_patch(opts, base_onnx=base_onnx))
     except (AdapterFileError, FileNotFoundError, ValueError, TypeError) as e:  # PatchError is a ValueError
         print(f"visionpeft-export: error: {' '.join(str(e).split())}", file=sys.stderr)  # one line
         return 2

@@ -19,6 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .options import ExportOptions
+from .report import Accuracy, Check, ExportReport, ExportResult, FileReport
+
 #: format -> precisions offered (``quantize`` values)
 EDGE_FORMATS = {"openvino": (32, 16, 8), "ncnn": (32, 16)}
 #: largest output difference to the unmerged model accepted, relative to the output's scale, per precision
@@ -81,6 +84,7 @@ def export_edge(model, fmt: str, stem: Path, imgsz: Sequence[int], quantize: int
     from ultralytics.engine.exporter import Exporter
     from ultralytics.utils import YAML
 
+    from ..integrations.ultralytics import set_export_name
     from .onnx import _quiet, telemetry_off
 
     require(fmt)
@@ -90,7 +94,7 @@ def export_edge(model, fmt: str, stem: Path, imgsz: Sequence[int], quantize: int
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
     model = copy.deepcopy(model).cpu()
-    model.pt_path = str(stem.with_suffix(".pt"))  # the exporter names its output after this file
+    set_export_name(model, stem.with_suffix(".pt"))  # the exporter names its output after this file
     overrides = {"format": fmt, "imgsz": list(imgsz), "batch": 1, "device": "cpu", "dynamic": False,
                  "quantize": None if quantize == 32 else quantize, "nms": None, "verbose": False, "mode": "export"}
     if quantize == 8:
@@ -171,93 +175,60 @@ def folder_mb(path: str | Path) -> float:
 
 
 def verify_folder(reference, folder: Path, quantize: int, batches: Sequence[np.ndarray], imgsz: Sequence[int],
-           merged=None, data: str | Path | None = None, runs: int = 50, threads: int | None = 1) -> dict:
+                  merged=None, data: str | Path | None = None, runs: int = 50, threads: int | None = 1) -> ExportReport:
     """The verification report of one exported model folder (like ``verify.verify`` for ONNX files)."""
     from .verify import parity, torch_outputs, val_onnx, val_torch
 
     ref = torch_outputs(reference, batches)
     f = runner(folder, threads)
-    entry = {"file": str(folder), "size_mb": round(folder_mb(folder), 3),
-             "parity": parity(ref, [f(b) for b in batches])}
+    entry = FileReport(file=str(folder), size_mb=round(folder_mb(folder), 3),
+                       parity=parity(ref, [f(b) for b in batches]))
     if runs:
-        entry["latency_ms"] = latency([folder], imgsz, runs=runs, threads=threads)[0]
-    report = {"imgsz": list(imgsz), "threads": threads, "runs": runs, "exports": {str(quantize): entry}, "checks": {}}
+        entry.latency_ms = latency([folder], imgsz, runs=runs, threads=threads)[0]
+    report = ExportReport(imgsz=list(imgsz), threads=threads, runs=runs, exports={str(quantize): entry})
     limit = PARITY_LIMIT[quantize]
     if limit is not None:
-        rel = entry["parity"]["max_rel"]
-        report["checks"]["parity"] = {"ok": rel <= limit, "value": rel, "limit": limit}
+        rel = entry.parity.max_rel
+        report.checks["parity"] = Check(ok=rel <= limit, value=rel, limit=limit)
     if data is not None:
-        entry.update(val_onnx(folder, data))  # Ultralytics val reads any of its formats
+        accuracy = val_onnx(folder, data)  # Ultralytics val reads any of its formats
+        entry.map50_95, entry.map50 = accuracy["map50_95"], accuracy["map50"]
         if merged is not None:
-            report["pytorch"] = val_torch(merged, data, max(imgsz))
-            drop = report["pytorch"]["map50_95"] - entry["map50_95"]
-            report["checks"]["map_drop"] = {"ok": drop <= MAP_DROP_LIMIT[quantize], "value": drop,
-                                            "limit": MAP_DROP_LIMIT[quantize]}
-    report["ok"] = all(c["ok"] for c in report["checks"].values())
+            report.pytorch = Accuracy(**val_torch(merged, data, max(imgsz)))
+            drop = report.pytorch.map50_95 - entry.map50_95
+            report.checks["map_drop"] = Check(ok=drop <= MAP_DROP_LIMIT[quantize], value=drop,
+                                              limit=MAP_DROP_LIMIT[quantize])
     return report
 
 
-def _replace_dir(src: Path, dst: Path) -> Path:
-    """Move folder ``src`` onto ``dst``; an existing ``dst`` is swapped out first and removed only afterwards."""
-    import shutil
-    import tempfile
+def export_folder(reference, merged, metadata: dict, options: ExportOptions, data: Path | None) -> ExportResult:
+    """``pipeline.export`` for an edge format: the merged model exported, moved into ``out`` whole, verified.
 
-    old = None
-    if dst.exists():
-        old = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.old-"))
-        dst.rename(old / dst.name)
-    try:
-        src.rename(dst)
-    except BaseException:
-        if old is not None:
-            (old / dst.name).rename(dst)
-        raise
-    finally:
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    return dst
-
-
-def export_folder(reference, merged, metadata: dict, fmt: str, quantize: int, imgsz: Sequence[int],
-                  data: Path | None, out: str | Path | None, adapter: Path, verify: bool, val: bool, calib: int,
-                  runs: int, threads: int | None):
-    """``pipeline.export`` for an edge format: the merged model exported, moved into ``out`` whole, verified."""
+    ``options`` are resolved (``adapter`` a path, ``imgsz`` a list); ``data`` is the dataset YAML.
+    """
     from ultralytics.utils import LOGGER
 
     from .images import letterbox, sample_images
-    from .pipeline import ExportResult, _staged
-    from .verify import write_report
+    from .staging import replace_dir, staged
 
-    precision = {32: "fp32", 16: "fp16", 8: "int8"}[quantize]
-    out = Path(out) if out is not None else adapter.parent
+    fmt, quantize, imgsz, adapter = options.format, options.quantize, options.imgsz, Path(options.adapter)
+    precision = options.precision
+    out = Path(options.out) if options.out is not None else adapter.parent
     if out.suffix == ".onnx":
         raise ValueError(f"--out '{out}' is an ONNX file name; a {fmt} model is a folder: pass a folder.")
-    with _staged(out) as stage:
-        folder = export_edge(merged, fmt, stage / adapter.stem, imgsz, quantize, data, calib, metadata)
-        folder = _replace_dir(folder, out / folder.name)
+    with staged(out) as stage:
+        folder = export_edge(merged, fmt, stage / adapter.stem, imgsz, quantize, data, options.calib, metadata)
+        folder = replace_dir(folder, out / folder.name)
     result = ExportResult(file=folder, files={precision: folder}, adapter=metadata["adapter"],
                           metadata={**metadata, "format": fmt, "precision": precision})
     LOGGER.info(f"visionpeft: exported adapter '{metadata['adapter']}' merged into '{metadata['base']}': {folder}")
-    if not verify:
+    if not options.verify:
         return result
     batches = [letterbox(p, imgsz) for p in sample_images(data, "val", 4)]
-    report = verify_folder(reference, folder, quantize, batches, imgsz, merged=merged if val else None,
-                           data=data if val else None, runs=runs, threads=threads)
-    result.report = {"adapter": metadata["adapter"], "format": fmt, "precision": precision, **report}
-    result.report_file = write_report(result.report, folder.with_name(f"{folder.name}.verify.json"))
-    LOGGER.info(f"{format_table(result.report)}\nvisionpeft: verification written to {result.report_file}")
+    report = verify_folder(reference, folder, quantize, batches, imgsz, merged=merged if options.val else None,
+                           data=data if options.val else None, runs=options.runs, threads=options.threads)
+    report.adapter, report.format, report.precision = metadata["adapter"], fmt, precision
+    result.report = report
+    result.report_file = report.write(folder.with_name(f"{folder.name}.verify.json"))
+    LOGGER.info(f"{report.table()}\nvisionpeft: verification written to {result.report_file}")
     return result
-
-
-def format_table(report: dict) -> str:
-    """One edge export's report as a few lines (size, parity, latency, mAP, checks)."""
-    e = next(iter(report["exports"].values()))
-    p = e["parity"]
-    lines = [f"{report['format']} {report['precision']}: {Path(e['file']).name}  {e['size_mb']:.2f} MB  "
-             f"max|d| {p['max_abs']:.2e} (rel. {p['max_rel']:.1e})  "
-             + (f"{e['latency_ms']:.2f} ms ({report['threads']} threads)  " if "latency_ms" in e else "")
-             + (f"mAP50-95 {e['map50_95']:.4f}" if "map50_95" in e else "")
-             + (f" (PyTorch {report['pytorch']['map50_95']:.4f})" if "pytorch" in report else "")]
-    for name, c in report["checks"].items():
-        lines.append(f"{'PASS' if c['ok'] else 'FAIL'} {name}: {c['value']:.3g} (limit {c['limit']:.3g})")
-    return "\n".join(lines)

@@ -67,6 +67,8 @@ def export_onnx(model: nn.Module, path: str | Path, imgsz: int | tuple[int, int]
     from ultralytics.engine.exporter import Exporter
     from ultralytics.nn.tasks import DetectionModel
 
+    from ..integrations.ultralytics import set_export_name
+
     if not isinstance(model, DetectionModel):
         raise TypeError(f"ONNX export takes an Ultralytics DetectionModel, not {type(model).__name__}.")
     if any(type(m).__name__ == "AdaptedModule" and any(a.mergeable for a in m.adapters.values())
@@ -80,7 +82,7 @@ def export_onnx(model: nn.Module, path: str | Path, imgsz: int | tuple[int, int]
     if data is not None:
         model.args = {**(model.args if isinstance(getattr(model, "args", None), dict) else {}), "data": str(data)}
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.stem}.") as tmp:
-        model.pt_path = str(Path(tmp) / f"{path.stem}.pt")  # the exporter names its output after this file
+        set_export_name(model, Path(tmp) / f"{path.stem}.pt")  # the exporter names its output after this file
         overrides = {"format": "onnx", "imgsz": imgsz, "batch": 1, "device": "cpu", "dynamic": dynamic,
                      "opset": opset, "simplify": True, "quantize": None, "nms": None, "data": None,
                      "verbose": False, "mode": "export"}

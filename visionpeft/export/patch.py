@@ -11,6 +11,7 @@ with the direct export, so a patch that would not reproduce the export is never 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import tempfile
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ from ..methods.dora import DoraAdapter
 from ..methods.lora import LoraAdapter
 from ..models import load_base
 from .onnx import _quiet, base_export
+from .options import PRECISIONS, ExportOptions
 from .quantize import to_fp16
 
 #: largest difference allowed between a rebuilt tensor and the direct export's, relative to the tensor's largest
@@ -207,18 +209,20 @@ def check_patch(patch, base_onnx, merged_onnx, tolerance: float) -> float:
     return worst
 
 
-def export_patch(base: str | Path | None = None, adapter: str | Path | None = None, run: str | Path | None = None,
-                 quantize: int = 32, imgsz: int | list[int] | None = None, base_onnx: str | Path | None = None,
-                 out: str | Path | None = None, opset: int | None = None, data: str | Path | None = None,
-                 check_names: bool = True) -> PatchResult:
+def export_patch(options: ExportOptions | None = None, /, base_onnx: str | Path | None = None,
+                 **fields) -> PatchResult:
     """Write a patch that turns the base's ONNX export into the adapter's merged ONNX export (fp32 or fp16).
 
-    Inputs as for ``export`` (``adapter`` with ``base``, or ``run``). ``base_onnx``: the base file the devices run
-    (default: the plain base exported here with the same options, cached; its path is in the result).
-    ``out``: a ``.vpatch`` path or a folder (default: beside the adapter, ``<adapter stem>[_fp16].vpatch``).
+    Options as for ``export`` (an ``ExportOptions`` or its fields as keywords): ``adapter`` with ``base``, or
+    ``run``; ``quantize``, ``imgsz``, ``opset``, ``data`` and ``check_names`` as there (format, dynamic and the
+    verification settings do not apply). ``base_onnx``: the base file the devices run (default: the plain base
+    exported here with the same options, cached; its path is in the result). ``out``: a ``.vpatch`` path or a
+    folder (default: beside the adapter, ``<adapter stem>[_fp16].vpatch``).
     """
-    from .pipeline import PRECISIONS, export, resolve_inputs
+    from .pipeline import export, resolve_inputs
 
+    o = dataclasses.replace(options or ExportOptions(), **fields)
+    quantize, imgsz, opset = o.quantize, o.imgsz, o.opset
     try:
         precision = PRECISIONS[int(quantize)]
     except (KeyError, TypeError, ValueError):
@@ -227,7 +231,7 @@ def export_patch(base: str | Path | None = None, adapter: str | Path | None = No
         raise ValueError(f"Patches are made for fp32 or fp16 base files (quantize 32 or 16), not {quantize!r}: an "
                          "INT8 file keeps 8-bit codes of the folded weights, so the adapter's update cannot be added "
                          "exactly; apply a patch to the fp32 base and quantize the result instead.")
-    base, adapter, _, _ = resolve_inputs(base, adapter, run)
+    base, adapter, _, _ = resolve_inputs(o.base, o.adapter, o.run)
     deployed = load_onnx(base_onnx, "base model") if base_onnx is not None else None
     if deployed is not None:
         props = {p.key: p.value for p in deployed.metadata_props}
@@ -238,8 +242,9 @@ def export_patch(base: str | Path | None = None, adapter: str | Path | None = No
                              f"pass --quantize {32 if have == 'float32' else 16} (or the {want} base file).")
     with tempfile.TemporaryDirectory(prefix="visionpeft-patch-") as tmp:
         with _quiet():  # its log would name the temporary merged file
-            result = export(base=base, adapter=adapter, run=run, quantize=quantize, imgsz=imgsz, opset=opset,
-                            data=data, out=Path(tmp), verify=False, check_names=check_names)
+            result = export(ExportOptions(base=base, adapter=adapter, run=o.run, quantize=quantize, imgsz=imgsz,
+                                          opset=opset, data=o.data, out=Path(tmp), verify=False,
+                                          check_names=o.check_names))
         merged_file = result.files[precision]
         merged_onnx = load_onnx(merged_file, "merged export")
         props = {p.key: p.value for p in merged_onnx.metadata_props}
@@ -260,7 +265,7 @@ def export_patch(base: str | Path | None = None, adapter: str | Path | None = No
         patch, recipe = build_patch(base_proto, merged_onnx, factors, info)
         max_rel = check_patch(patch, base_proto, merged_onnx, TOLERANCE[precision])
         merged_size = merged_file.stat().st_size
-    out = Path(out) if out is not None else adapter.parent
+    out = Path(o.out) if o.out is not None else adapter.parent
     suffix = "_fp16" if precision == "fp16" else ""
     path = out if out.suffix == ".vpatch" else out / f"{adapter.stem}{suffix}.vpatch"
     write_model(patch, path)

@@ -8,58 +8,30 @@ against. An adapter that keeps the base classes exports the base beside its merg
 from __future__ import annotations
 
 import ast
-import contextlib
 import copy
 import dataclasses
 import hashlib
-import shutil
 import tempfile
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import settings
+from ..class_offset import names_offset, offset_dataset
+from ..datasets import check_class_names, load_dataset, resolve_dataset
+from ..fonts import ensure_fonts
 from ..inject import adapted_modules, keep_base_layer, merge, peft_state, with_base
 from ..io import AdapterFileError, load_adapter, read_adapter, replace_file
 from ..models import load_base
-from ..train.class_offset import names_offset, offset_dataset
-from ..train.data import check_class_names, load_dataset, resolve_dataset
-from ..train.offline import ensure_fonts
 from . import verify as checks
 from .images import letterbox, sample_images, split_images
 from .onnx import base_export, export_onnx, read_metadata, update_metadata
+from .options import ExportOptions
 from .quantize import to_fp16, to_int8
+from .report import ExportResult
+from .staging import staged
 
-FORMATS = ("onnx",)
-PRECISIONS = {32: "fp32", 16: "fp16", 8: "int8"}
 METADATA_FORMAT = "visionpeft.onnx.v1"
 NAMES_FIX = ("pass the dataset the adapter was trained on, or export anyway with check_names=False "
              "(--allow-names-mismatch)")
-
-
-@dataclass
-class ExportResult:
-    """What ``export`` wrote, and the verification report (``None`` when verification was skipped)."""
-
-    file: Path  # the requested export
-    files: dict[str, Path]  # every export written, by precision: {"fp32": ..., "int8": ...}
-    adapter: str
-    base_file: Path | None = None  # the plain base model's export the files were compared with
-    report: dict | None = None
-    report_file: Path | None = None
-    metadata: dict = field(default_factory=dict)  # the visionpeft metadata stored in the files
-
-    @property
-    def ok(self) -> bool:
-        """Whether every verification check passed (True when nothing was verified)."""
-        return self.report is None or bool(self.report["ok"])
-
-    def __str__(self) -> str:
-        if self.report and "format" in self.report:  # an OpenVINO / NCNN folder
-            from .formats import format_table
-
-            return format_table(self.report)
-        return checks.format_table(self.report) if self.report else "\n".join(str(f) for f in self.files.values())
 
 
 def _read_yaml(path: Path) -> dict:
@@ -141,22 +113,6 @@ def _imgsz(value) -> list[int]:
     return size
 
 
-@contextlib.contextmanager
-def _staged(folder: Path) -> Iterator[Path]:
-    """A temporary folder inside ``folder`` to build a set of files in (the caller moves them out when all are
-    written); removed afterwards, with ``folder`` itself if it was made for it, so a failure leaves no half set."""
-    made = not folder.exists()
-    folder.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(dir=folder, prefix=".visionpeft-export-"))
-    try:
-        yield stage
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
-        if made:
-            with contextlib.suppress(OSError):
-                folder.rmdir()  # only if the export left nothing in it
-
-
 def _val_data(data: Path, names: dict, folder: str) -> Path:
     """``data`` relabelled to a keep-base model's class indices (its classes follow the base's)."""
     offset = names_offset(names, load_dataset(data)[0].get("names"))
@@ -167,26 +123,12 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def export(
-    base: str | Path | None = None,
-    adapter: str | Path | None = None,
-    run: str | Path | None = None,
-    format: str = "onnx",
-    quantize: int = 32,
-    imgsz: int | list[int] | None = None,
-    dynamic: bool = False,
-    opset: int | None = None,
-    val: bool = False,
-    data: str | Path | None = None,
-    out: str | Path | None = None,
-    verify: bool = True,
-    calib: int = 128,
-    runs: int = 50,
-    threads: int | None = 1,
-    check_names: bool = True,
-) -> ExportResult:
+def export(options: ExportOptions | None = None, /, **fields) -> ExportResult:
     """Export a trained adapter, merged into its base, to ONNX (or ``format`` openvino / ncnn: model folders, see
     ``visionpeft.export.formats``) and verify the files.
+
+    Takes an ``ExportOptions`` or its fields as keywords (``export(run=..., quantize=8)``); keywords override the
+    fields of ``options``.
 
     Inputs: ``adapter`` (a ``.safetensors`` adapter file) with ``base`` (the weights it was trained on; default: the
     file name the trainer recorded in the adapter, looked up in the assets' ``weights/`` only), or ``run`` (a
@@ -202,47 +144,51 @@ def export(
     ``val`` the mAP of every file and of the PyTorch model on ``data``, whose class names must be the adapter's
     unless ``check_names=False``. The files appear together: a failed export leaves ``out`` as it was.
     """
-    fmt = str(format).lower()
-    try:
-        precision = PRECISIONS[int(quantize)]
-    except (KeyError, TypeError, ValueError):
-        raise ValueError(f"quantize must be 32, 16 or 8, not {quantize!r}.") from None
-    if fmt not in FORMATS:
+    if options is not None and not isinstance(options, ExportOptions):
+        raise TypeError(f"export takes an ExportOptions or keyword arguments (base=..., adapter=...), not "
+                        f"{type(options).__name__}.")
+    o = dataclasses.replace(options or ExportOptions(), **fields)
+    fmt = str(o.format).lower()
+    precision = o.precision
+    if fmt != "onnx":
         from .formats import check_format
 
-        check_format(fmt, int(quantize))  # OpenVINO, NCNN (visionpeft.export.formats); others refused with the reason
-    base, adapter, run_args, meta = resolve_inputs(base, adapter, run)
-    data = data if data is not None else run_args.get("data")
-    imgsz = _imgsz(imgsz if imgsz is not None else run_args.get("imgsz", 640))
+        check_format(fmt, int(o.quantize))  # OpenVINO, NCNN (visionpeft.export.formats); others refused with reason
+    base, adapter, run_args, meta = resolve_inputs(o.base, o.adapter, o.run)
+    data = o.data if o.data is not None else run_args.get("data")
+    imgsz = _imgsz(o.imgsz if o.imgsz is not None else run_args.get("imgsz", 640))
+    o = dataclasses.replace(o, base=base, adapter=adapter, format=fmt, quantize=int(o.quantize), imgsz=imgsz,
+                            data=data)
     if precision == "int8" and data is None:
         raise ValueError("INT8 calibrates on real images: pass data=<dataset YAML or name> (its train split is used).")
-    if val and data is None:
+    if o.val and data is None:
         raise ValueError("val needs a dataset: pass data=<dataset YAML or name>.")
     if data is not None:
         ensure_fonts()  # Ultralytics' check_det_dataset (calibration images, val) would download Arial.ttf
     with tempfile.TemporaryDirectory(prefix="visionpeft-export-") as tmp:
         data_yaml = resolve_dataset(data, tmp) if data is not None else None  # names like 'crop_weed' work too
-        return _export(base, adapter, meta, precision, imgsz, dynamic, opset, val, data_yaml, str(data or ""), out,
-                       verify, calib, runs, threads, check_names, fmt)
+        return _export(o, meta, data_yaml)
 
 
-def _export(base, adapter: Path, meta: dict, precision: str, imgsz: list[int], dynamic: bool, opset: int | None,
-            val: bool, data: Path | None, data_name: str, out: str | Path | None, verify: bool, calib: int, runs: int,
-            threads: int | None, check_names: bool, fmt: str = "onnx") -> ExportResult:
+def _export(o: ExportOptions, meta: dict, data: Path | None) -> ExportResult:
+    """``export`` once its options are resolved (``adapter`` a path, ``imgsz`` a list, ``data`` as given) and
+    ``data`` is the dataset YAML."""
     from ultralytics.nn.tasks import DetectionModel
     from ultralytics.utils import LOGGER
 
     from .. import __version__
 
+    base, adapter, precision, imgsz, val = o.base, Path(o.adapter), o.precision, o.imgsz, o.val
+
     model = load_base(base)
     if not isinstance(model, DetectionModel):
         raise TypeError(f"ONNX export supports Ultralytics YOLO detectors; '{base}' is a {type(model).__name__}.")
-    plain = copy.deepcopy(model) if verify else None  # the base export the adapted one is compared with
+    plain = copy.deepcopy(model) if o.verify else None  # the base export the adapted one is compared with
     load_adapter(model, adapter)  # checks the base fingerprint
     state = peft_state(model)
     name = state["active"]
     info = state["adapters"][name]
-    if data is not None and check_names:
+    if data is not None and o.check_names:
         check_class_names(model.names, data, fix=NAMES_FIX)
     merged = merge(model)
     mergeable = not any(True for _ in adapted_modules(merged))
@@ -254,46 +200,45 @@ def _export(base, adapter: Path, meta: dict, precision: str, imgsz: list[int], d
         **({"keep_base": info["keep_base"]} if info.get("keep_base") else {}),
     }
 
-    if fmt != "onnx":
+    if o.format != "onnx":
         from .formats import export_folder
 
-        quantize = {v: k for k, v in PRECISIONS.items()}[precision]
-        return export_folder(model, merged, metadata, fmt, quantize, imgsz, data, out, adapter, verify, val, calib,
-                             runs, threads)
-    out = Path(out) if out is not None else adapter.parent
+        return export_folder(model, merged, metadata, o, data)
+    out = Path(o.out) if o.out is not None else adapter.parent
     fp32_path = out if out.suffix == ".onnx" else out / f"{adapter.stem}.onnx"
-    with _staged(fp32_path.parent) as stage:
-        staged = {"fp32": export_onnx(merged, stage / fp32_path.name, imgsz=imgsz, dynamic=dynamic, opset=opset,
-                                      metadata=metadata, data=data_name or None)}
-        imgsz = _imgsz(read_metadata(staged["fp32"])["imgsz"])  # the exporter may round to the model's stride
+    with staged(fp32_path.parent) as stage:
+        written = {"fp32": export_onnx(merged, stage / fp32_path.name, imgsz=imgsz, dynamic=o.dynamic, opset=o.opset,
+                                       metadata=metadata, data=str(o.data or "") or None)}
+        imgsz = _imgsz(read_metadata(written["fp32"])["imgsz"])  # the exporter may round to the model's stride
         if precision == "fp16":
-            staged["fp16"] = to_fp16(staged["fp32"], stage / f"{fp32_path.stem}_fp16.onnx")
+            written["fp16"] = to_fp16(written["fp32"], stage / f"{fp32_path.stem}_fp16.onnx")
         elif precision == "int8":
-            calibration = [letterbox(p, imgsz) for p in split_images(data, "train", calib)]
-            staged["int8"] = to_int8(staged["fp32"], stage / f"{fp32_path.stem}_int8.onnx", calibration)
+            calibration = [letterbox(p, imgsz) for p in split_images(data, "train", o.calib)]
+            written["int8"] = to_int8(written["fp32"], stage / f"{fp32_path.stem}_int8.onnx", calibration)
         if precision != "fp32":
-            update_metadata(staged[precision], {"precision": precision})
-        files = {k: replace_file(v, fp32_path.parent / v.name) for k, v in staged.items()}
+            update_metadata(written[precision], {"precision": precision})
+        files = {k: replace_file(v, fp32_path.parent / v.name) for k, v in written.items()}
     result = ExportResult(file=files[precision], files=files, adapter=name,
                           metadata={**metadata, "precision": precision})
     LOGGER.info(f"visionpeft: exported adapter '{name}' merged into '{base}': "
                 + ", ".join(f"{k} {v}" for k, v in files.items()))
-    if not verify:
+    if not o.verify:
         LOGGER.info(f"visionpeft: export folder {result.file.parent.resolve()}")
         return result
 
     fp = state["fingerprint"]
-    result.base_file = base_export(plain, imgsz, dynamic, opset, key=f"{fp['architecture']}-{fp['weights']}")
+    result.base_file = base_export(plain, imgsz, o.dynamic, o.opset, key=f"{fp['architecture']}-{fp['weights']}")
     keep = keep_base_layer(model) is not None  # its exports hold the base beside the branch: more nodes, by design
     reference = with_base(model, model) if keep else model  # the unmerged adapter (beside the untouched base)
     with tempfile.TemporaryDirectory(prefix="visionpeft-val-") as tmp:
         val_data = _val_data(data, merged.names, tmp) if val and keep else data
         report = checks.verify(reference, files, result.base_file, sample_images(data, "val", 4), imgsz,
                                mergeable and not keep, merged=merged if val else None,
-                               data=val_data if val else None, runs=runs, threads=threads)
-    result.report = {"adapter": name, "methods": metadata["methods"], "mergeable": mergeable, "base": str(base),
-                     "adapter_file": str(adapter), **report}
-    result.report_file = checks.write_report(result.report, result.file.with_suffix(".verify.json"))
-    LOGGER.info(f"{checks.format_table(result.report)}\nvisionpeft: verification written to {result.report_file}"
+                               data=val_data if val else None, runs=o.runs, threads=o.threads)
+    report.adapter, report.methods, report.mergeable = name, metadata["methods"], mergeable
+    report.adapter_file = str(adapter)
+    result.report = report
+    result.report_file = report.write(result.file.with_suffix(".verify.json"))
+    LOGGER.info(f"{report.table()}\nvisionpeft: verification written to {result.report_file}"
                 f"\nvisionpeft: export folder {result.file.parent.resolve()}")  # like the run folder of training
     return result

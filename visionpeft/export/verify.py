@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import json
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -21,19 +20,19 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..io import atomic_write_bytes
 from .onnx import telemetry_off
+from .report import Accuracy, Check, ExportReport, FileReport, Parity
 
 #: largest fp32 output difference accepted, relative to the output's scale (its largest magnitude)
 PARITY_LIMIT = 1e-4
 
 
-def graph_stats(path: str | Path) -> dict:
+def graph_stats(path: str | Path) -> FileReport:
     import onnx
 
     graph = onnx.load(str(path)).graph
-    return {"file": str(path), "size_mb": round(Path(path).stat().st_size / 2**20, 3), "nodes": len(graph.node),
-            "initializers": len(graph.initializer)}
+    return FileReport(file=str(path), size_mb=round(Path(path).stat().st_size / 2**20, 3), nodes=len(graph.node),
+                      initializers=len(graph.initializer))
 
 
 def _session(path: str | Path, threads: int | None):
@@ -71,16 +70,16 @@ def torch_outputs(model: nn.Module, batches: Sequence[np.ndarray]) -> list[np.nd
         model.train(was_training)
 
 
-def parity(reference: Sequence[np.ndarray], outputs: Sequence[np.ndarray]) -> dict:
+def parity(reference: Sequence[np.ndarray], outputs: Sequence[np.ndarray]) -> Parity:
     """Differences of ``outputs`` from ``reference``; rows 0-3 are box coordinates (pixels), the rest class scores."""
     ref, out = np.concatenate(reference), np.concatenate(outputs)
     if ref.shape != out.shape:
         raise ValueError(f"Output shapes differ: PyTorch {ref.shape}, ONNX {out.shape}.")
     diff = np.abs(ref - out)
     scale = float(np.abs(ref).max()) or 1.0
-    return {"max_abs": float(diff.max()), "mean_abs": float(diff.mean()), "output_scale": scale,
-            "max_rel": float(diff.max()) / scale, "box_max_abs": float(diff[:, :4].max()),
-            "score_max_abs": float(diff[:, 4:].max()) if ref.shape[1] > 4 else 0.0}
+    return Parity(max_abs=float(diff.max()), mean_abs=float(diff.mean()), output_scale=scale,
+                  max_rel=float(diff.max()) / scale, box_max_abs=float(diff[:, :4].max()),
+                  score_max_abs=float(diff[:, 4:].max()) if ref.shape[1] > 4 else 0.0)
 
 
 def median_ms(calls: Sequence[Callable[[], object]], runs: int = 50, warmup: int = 5) -> list[float]:
@@ -137,7 +136,7 @@ def val_torch(model: nn.Module, data: str | Path, imgsz: int) -> dict:
 
 def verify(reference: nn.Module, files: dict[str, Path], base_file: Path | None, images: Sequence[Path],
            imgsz: Sequence[int], mergeable: bool, merged: nn.Module | None = None, data: str | Path | None = None,
-           runs: int = 50, threads: int | None = 1) -> dict:
+           runs: int = 50, threads: int | None = 1) -> ExportReport:
     """The verification report of the exported ``files`` (``{"fp32": path, "int8": path, ...}``).
 
     ``reference`` is the unmerged adapter model; ``merged`` (for ``data``-based mAP) the merged PyTorch model.
@@ -146,74 +145,41 @@ def verify(reference: nn.Module, files: dict[str, Path], base_file: Path | None,
 
     batches = [letterbox(p, imgsz) for p in images]
     ref = torch_outputs(reference, batches)
-    report: dict = {"imgsz": list(imgsz), "images": [str(p) for p in images], "threads": threads, "runs": runs,
-                    "exports": {}, "checks": {}}
+    report = ExportReport(imgsz=list(imgsz), images=[str(p) for p in images], threads=threads, runs=runs, exports={})
     base = graph_stats(base_file) if base_file else None
     for precision, path in files.items():
         entry = graph_stats(path)
-        entry["parity"] = parity(ref, onnx_outputs(path, batches, threads))
+        entry.parity = parity(ref, onnx_outputs(path, batches, threads))
         if base and precision == "fp32":
-            entry["extra_nodes"] = entry["nodes"] - base["nodes"]
-        report["exports"][precision] = entry
+            entry.extra_nodes = entry.nodes - base.nodes
+        report.exports[precision] = entry
 
-    entries = [*report["exports"].values(), *([base] if base else [])]
+    entries = [*report.exports.values(), *([base] if base else [])]
     if runs:
-        timings = latency_ms([e["file"] for e in entries], imgsz, runs=runs, threads=threads)
+        timings = latency_ms([e.file for e in entries], imgsz, runs=runs, threads=threads)
         for entry, ms in zip(entries, timings, strict=True):
-            entry["latency_ms"] = ms
-    fp32 = report["exports"].get("fp32")
-    for entry in report["exports"].values():
+            entry.latency_ms = ms
+    fp32 = report.exports.get("fp32")
+    for entry in report.exports.values():
         if fp32:
-            entry["size_vs_fp32"] = entry["size_mb"] / fp32["size_mb"]
+            entry.size_vs_fp32 = entry.size_mb / fp32.size_mb
         if fp32 and runs:
-            entry["latency_vs_fp32"] = entry["latency_ms"] / fp32["latency_ms"]
+            entry.latency_vs_fp32 = entry.latency_ms / fp32.latency_ms
         if base and runs:
-            entry["latency_vs_base"] = entry["latency_ms"] / base["latency_ms"]
-    report["base"] = base
+            entry.latency_vs_base = entry.latency_ms / base.latency_ms
+    report.base = base
 
     if fp32:
-        rel = fp32["parity"]["max_rel"]
-        report["checks"]["parity_fp32"] = {"ok": rel <= PARITY_LIMIT, "value": rel, "limit": PARITY_LIMIT}
+        rel = fp32.parity.max_rel
+        report.checks["parity_fp32"] = Check(ok=rel <= PARITY_LIMIT, value=rel, limit=PARITY_LIMIT)
     if base and fp32 and mergeable:
-        extra = fp32["extra_nodes"]
-        report["checks"]["no_extra_nodes"] = {"ok": extra == 0, "value": extra, "limit": 0}
+        extra = fp32.extra_nodes
+        report.checks["no_extra_nodes"] = Check(ok=extra == 0, value=extra, limit=0)
 
     if data is not None:
-        for entry in report["exports"].values():
-            entry.update(val_onnx(entry["file"], data))
+        for entry in report.exports.values():
+            accuracy = val_onnx(entry.file, data)
+            entry.map50_95, entry.map50 = accuracy["map50_95"], accuracy["map50"]
         if merged is not None:
-            report["pytorch"] = val_torch(merged, data, max(imgsz))
-    report["ok"] = all(c["ok"] for c in report["checks"].values())
+            report.pytorch = Accuracy(**val_torch(merged, data, max(imgsz)))
     return report
-
-
-def format_table(report: dict) -> str:
-    """The report as a fixed-width table, one row per file (base, exports, PyTorch)."""
-    def num(v, fmt):
-        return "-" if v is None else format(v, fmt)
-
-    rows = [("file", "MB", "nodes", "inits", "max|d|", "mean|d|", "rel", "ms", "x fp32", "x base", "mAP50-95")]
-    base = report.get("base")
-    if base:
-        rows.append((f"base: {Path(base['file']).name}", num(base["size_mb"], ".2f"), str(base["nodes"]),
-                     str(base["initializers"]), "-", "-", "-", num(base.get("latency_ms"), ".2f"), "-", "1.00", "-"))
-    for precision, e in report["exports"].items():
-        p = e["parity"]
-        nodes = f"{e['nodes']} (+{e['extra_nodes']})" if "extra_nodes" in e else str(e["nodes"])
-        rows.append((f"{precision}: {Path(e['file']).name}", num(e["size_mb"], ".2f"), nodes,
-                     str(e["initializers"]), num(p["max_abs"], ".2e"), num(p["mean_abs"], ".2e"),
-                     num(p["max_rel"], ".1e"), num(e.get("latency_ms"), ".2f"), num(e.get("latency_vs_fp32"), ".2f"),
-                     num(e.get("latency_vs_base"), ".2f"), num(e.get("map50_95"), ".4f")))
-    if "pytorch" in report:
-        rows.append(("pytorch (merged)", "-", "-", "-", "-", "-", "-", "-", "-", "-",
-                     num(report["pytorch"]["map50_95"], ".4f")))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
-             for r in rows]
-    for name, c in report["checks"].items():
-        lines.append(f"{'PASS' if c['ok'] else 'FAIL'} {name}: {c['value']:.3g} (limit {c['limit']:.3g})")
-    return "\n".join(lines)
-
-
-def write_report(report: dict, path: str | Path) -> Path:
-    return atomic_write_bytes(path, (json.dumps(report, indent=2) + "\n").encode())

@@ -1,6 +1,6 @@
 """Model families: what each kind of model needs beyond the generic injection (defaults, class outputs, inputs).
 
-A family is found by ``family_of(model)``; the first registered family that recognises the model wins. Families
+A family is found by ``family_of(model)``; the first family of ``FAMILIES`` that recognises the model wins. Families
 import their library lazily (a model of a library can only exist once that library is imported).
 """
 
@@ -14,13 +14,8 @@ from .yolo import YoloFamily
 FAMILIES: list[Family] = [VitDetFamily(), YoloFamily(), VitFamily()]  # VitDet models are DetectionModels too
 
 
-def register_family(family: Family, first: bool = True) -> None:
-    """Add a family; ``first`` lets a more specific family take precedence over the built-in ones."""
-    FAMILIES.insert(0, family) if first else FAMILIES.append(family)
-
-
 def family_of(model) -> Family:
     return next((f for f in FAMILIES if f.matches(model)), Family())
 
 
-__all__ = ["FAMILIES", "Family", "VitDetFamily", "VitFamily", "YoloFamily", "family_of", "register_family"]
+__all__ = ["FAMILIES", "Family", "VitDetFamily", "VitFamily", "YoloFamily", "family_of"]

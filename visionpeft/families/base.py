@@ -8,7 +8,9 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from ..frozen_norm import unfreeze_norms
 from ..methods import AdapterConfig
+from ..modules import STATE_ATTR, fold_adapters_
 
 
 class Family:
@@ -60,3 +62,19 @@ class Family:
 
     def on_unload(self, model: nn.Module) -> None:
         """Called when the last adapter module was merged away."""
+
+    def merge_(self, model: nn.Module) -> nn.Module:
+        """Fold the active mergeable adapters into the base weights, in place; other adapters are dropped.
+
+        Here rather than in :mod:`visionpeft.inject` (whose ``merge_`` calls it) because model classes merge before
+        Ultralytics' Conv+BN fusion, and the integration layer must not call back into the injection layer.
+        """
+        plain = fold_adapters_(model)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        unfreeze_norms(model)  # a merged model is a plain one: its BatchNorms behave as the base's again
+        if plain:
+            self.on_unload(model)
+            if hasattr(model, STATE_ATTR):
+                delattr(model, STATE_ATTR)
+        return model

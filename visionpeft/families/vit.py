@@ -11,6 +11,7 @@ import sys
 import torch
 from torch import nn
 
+from ..modules import base_named_modules
 from .base import Family
 
 
@@ -27,8 +28,6 @@ class VitFamily(Family):
         return vt is not None and isinstance(model, vt.VisionTransformer)
 
     def class_output_replacements(self, model: nn.Module, names: dict[int, str] | None) -> list:
-        from ..inject import base_named_modules
-
         if names is None or len(names) == getattr(model, "num_classes", None):
             return []
         for name, module, wrapper in base_named_modules(model):

@@ -17,6 +17,7 @@ import sys
 import torch
 from torch import nn
 
+from ..modules import base_named_modules
 from .yolo import YoloFamily
 
 VIT_LINEARS = {"target_types": ["Linear"], "target_modules": ["qkv", "proj", "fc1", "fc2"]}
@@ -43,8 +44,6 @@ class VitDetFamily(YoloFamily):
 
     def class_output_replacements(self, model: nn.Module, names: dict[int, str] | None) -> list:
         """Every parameterised layer of the pyramid and head, as a trainable copy (class outputs re-initialised)."""
-        from ..inject import base_named_modules
-
         fresh = {name: new for name, _, _, new in super().class_output_replacements(model, names)}
         out = []
         for name, module, wrapper in base_named_modules(model):

@@ -15,6 +15,8 @@ import sys
 import torch
 from torch import nn
 
+from ..integrations.ultralytics import retype
+from ..modules import base_named_modules
 from .base import Family
 
 CLASS_HEADS = ("cv3", "one2one_cv3")
@@ -33,9 +35,7 @@ def _peft_detection_model_cls():
         """A ``DetectionModel`` carrying adapters. Fusion (Ultralytics val/predict/export) merges them first."""
 
         def fuse(self, verbose: bool = True, imgsz: int = 640):
-            from ..inject import merge_
-
-            merge_(self)  # plain modules again (mergeable adapters folded in), so Conv+BN folding sees them
+            YoloFamily().merge_(self)  # plain modules again (adapters folded in), so Conv+BN folding sees them
             return DetectionModel.fuse(self, verbose=verbose, imgsz=imgsz)
 
     PeftDetectionModel.__module__ = __name__
@@ -74,8 +74,6 @@ class YoloFamily(Family):
         return model.model[-1]
 
     def class_output_replacements(self, model: nn.Module, names: dict[int, str] | None) -> list:
-        from ..inject import base_named_modules
-
         base_names = getattr(model, "visionpeft", {}).get("base_names") or model.names
         if names is None or names == base_names:
             return []
@@ -98,8 +96,12 @@ class YoloFamily(Family):
         return torch.zeros(1, model.yaml.get("channels", 3), 64, 64, device=p.device, dtype=p.dtype)
 
     def keep_base_start(self, model: nn.Module, names: dict[int, str] | None, targets: list[str]) -> int:
+        from . import yolo
         from .yolo_keep import branch_start, check_keep_base
 
+        if type(model) not in (_detection_model_cls(), yolo.PeftDetectionModel):
+            raise ValueError(f"keep_base works on Ultralytics YOLO detectors (YOLOv5u, v8, 11), not on a "
+                             f"{type(model).__name__}; train without keep_base.")
         base_names = getattr(model, "visionpeft", {}).get("base_names") or model.names
         check_keep_base(model, {int(k): v for k, v in base_names.items()}, names)
         return branch_start(targets)
@@ -115,7 +117,7 @@ class YoloFamily(Family):
         if type(model) is _detection_model_cls():
             from . import yolo
 
-            model.__class__ = yolo.PeftDetectionModel
+            retype(model, yolo.PeftDetectionModel)
 
     def on_activate(self, model: nn.Module, adapter: dict | None) -> None:
         names = (adapter or {}).get("names") or model.visionpeft["base_names"]
@@ -131,4 +133,4 @@ class YoloFamily(Family):
         from . import yolo
 
         if type(model) is yolo.PeftDetectionModel:
-            model.__class__ = _detection_model_cls()
+            retype(model, _detection_model_cls())

@@ -24,6 +24,8 @@ from torch import nn
 from ultralytics.nn.modules.head import Detect
 from ultralytics.nn.tasks import DetectionModel
 
+from ..integrations.ultralytics import LayerRouting, forget_checkpoint_path, retype
+
 IMAGE = "image"  # ``f`` of a branch layer that reads the network input (a branch from layer 0)
 
 
@@ -42,12 +44,8 @@ def branch_start(targets: Iterable[str]) -> int:
 
 
 def check_keep_base(model: nn.Module, base_names: dict[int, str], names: dict[int, str] | None) -> None:
-    """One-line errors for a model or a class list that cannot keep the base classes."""
-    from . import yolo
-
-    if type(model) not in (DetectionModel, yolo.PeftDetectionModel):
-        raise ValueError(f"keep_base works on Ultralytics YOLO detectors (YOLOv5u, v8, 11), not on a "
-                         f"{type(model).__name__}; train without keep_base.")
+    """One-line errors for a YOLO detector (the family checked the model's class) or a class list that cannot keep
+    the base classes."""
     if getattr(model.model[-1], "one2one_cv2", None) is not None:
         raise ValueError("keep_base needs a YOLO head with NMS (YOLOv5u, v8, 11); this model has an end-to-end "
                          "(YOLO26-style) head, whose top-k output cannot be joined with another: use such a base.")
@@ -105,29 +103,13 @@ class KeepBaseDetect(Detect):
         return torch.cat((base, branch), 2)
 
 
-class KeepBaseDetectionModel(DetectionModel):
+class KeepBaseDetectionModel(LayerRouting, DetectionModel):
     """A base detector with a keep-base branch; built by :func:`keep_base_model`, never from a YAML."""
 
-    # Mirrors ultralytics.nn.tasks.BaseModel._predict_once; a layer whose ``f`` is IMAGE reads the input image,
-    # which the stock loop keeps nowhere (a branch from layer 0).
-    def _predict_once(self, x, profile=False, embed=None):
-        image, y, dt, embeddings = x, [], [], []
-        embed = frozenset(embed) if embed else {-1}
-        max_idx = max(embed)
-        for m in self.model:
-            if isinstance(m.f, str):
-                x = image
-            elif m.f != -1:
-                x = y[m.f] if isinstance(m.f, int) else [x if j == -1 else y[j] for j in m.f]
-            if profile:
-                self._profile_one_layer(m, x, dt)
-            x = m(x)
-            y.append(x if m.i in self.save else None)
-            if m.i in embed:
-                embeddings.append(F.adaptive_avg_pool2d(x, (1, 1)).squeeze(-1).squeeze(-1))
-                if m.i == max_idx:
-                    return torch.unbind(torch.cat(embeddings, 1), dim=0)
-        return x
+    def layer_input(self, m: nn.Module, x, y: list, image: torch.Tensor):
+        """A layer whose ``f`` is IMAGE reads the input image, which the stock loop keeps nowhere (a branch from
+        layer 0)."""
+        return image if isinstance(m.f, str) else super().layer_input(m, x, y, image)
 
     def init_criterion(self):
         """The branch's loss (its classes, its head), as the adapter was trained."""
@@ -172,7 +154,7 @@ def keep_base_model(base: DetectionModel, branch: DetectionModel, start: int) ->
     layers.append(joined)
 
     model = copy.deepcopy(base)
-    model.__class__ = KeepBaseDetectionModel
+    retype(model, KeepBaseDetectionModel)
     model.model = nn.Sequential(*layers)
     model.save = sorted({k for m in layers for k in (m.f if isinstance(m.f, list) else [m.f])
                          if isinstance(k, int) and k >= 0})
@@ -180,6 +162,6 @@ def keep_base_model(base: DetectionModel, branch: DetectionModel, start: int) ->
     model.yaml = {**base.yaml, "nc": len(model.names)}
     model.branch_layer = start
     model.criterion = None
-    for attr in ("visionpeft", "pt_path"):
-        model.__dict__.pop(attr, None)
+    model.__dict__.pop("visionpeft", None)
+    forget_checkpoint_path(model)
     return model

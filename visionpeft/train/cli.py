@@ -41,8 +41,8 @@ def check_adapter_targets(config: RunConfig) -> None:
     """Inject the config's adapters into its base once, as the trainer's ``get_model`` will, so that a base that
     cannot be built or targets that match no module (``peft.methods.0.layers=99``) fail before Ultralytics makes
     the run folder. Costs one base load (under a second for yolo11n.pt)."""
+    from ..datasets import load_dataset
     from ..models import load_base
-    from .data import load_dataset
 
     data = load_dataset(config.data)[0]
     names = data.get("names") or [f"class_{i}" for i in range(int(data["nc"]))]

@@ -18,17 +18,19 @@ from __future__ import annotations
 import copy
 import difflib
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
+from torch import nn
 
 from .. import settings
-from ..models import resolve_weights
+from ..datasets import load_dataset
+from ..inject import inject
+from ..methods import LoraConfig, config_from_dict
+from ..paths import find_file, resolve_weights
 from .augment import build_transforms, to_ultralytics
-from .data import load_dataset
-from .trainer import PeftSpec
 
 CONFIGS_DIR = settings.ROOT / "configs"
 SECTIONS = ("model", "data", "peft", "augmentations", "train")
@@ -61,6 +63,70 @@ def _unknown(kind: str, key: str, valid: Sequence[str]) -> ConfigError:
 
 
 @dataclass
+class PeftSpec:
+    """What to train: adapter name, method configs (dicts as in YAML), BatchNorm policy, LR multiplier.
+
+    ``bn``: ``"frozen"`` keeps BatchNorm weights and statistics of the base (eval mode); ``"train"`` gives each
+    BatchNorm a trainable copy (affine and running statistics) saved with the adapter.
+    ``lr_mult`` scales the learning rate Ultralytics picks (adapters often want more than full fine-tuning).
+    ``keep_base``: the merged model keeps the base classes beside the new ones (base names first); the adapter
+    trains as usual, and its lowest adapted layer (set with the methods' ``layers``) is where the merged model's
+    branch leaves the base (:func:`visionpeft.inject.with_base`).
+    """
+
+    adapter_name: str = "default"
+    methods: list[dict] = field(default_factory=lambda: [LoraConfig().to_dict()])
+    bn: str = "frozen"
+    lr_mult: float = 1.0
+    keep_base: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.adapter_name, str) or not self.adapter_name or "." in self.adapter_name:
+            raise ValueError(f"peft.adapter_name must be a non-empty name without dots, not {self.adapter_name!r}.")
+        if self.bn not in {"frozen", "train"}:
+            raise ValueError(f"peft.bn must be 'frozen' or 'train', not {self.bn!r}.")
+        if isinstance(self.lr_mult, bool) or not isinstance(self.lr_mult, (int, float)) or not self.lr_mult > 0:
+            raise ValueError(f"peft.lr_mult must be a positive number, not {self.lr_mult!r}.")
+        if not isinstance(self.keep_base, bool):
+            raise ValueError(f"peft.keep_base must be true or false, not {self.keep_base!r}.")
+        if not isinstance(self.methods, list) or not self.methods:
+            raise ValueError("peft.methods must be a non-empty list of method configs, e.g. "
+                             "[{method: lora, r: 8, alpha: 16}].")
+        for i, m in enumerate(self.methods):
+            if not isinstance(m, dict):
+                raise ValueError(f"peft.methods[{i}] must be a mapping with a 'method' key, not {m!r}.")
+            try:
+                config_from_dict(m)  # fail early, with the list of valid options
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"peft.methods[{i}]: {e}") from e
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PeftSpec:
+        unknown = sorted(set(d) - set(cls.field_names()))
+        if unknown:
+            raise ValueError(f"Unknown peft key(s) {unknown}. Valid keys: {cls.field_names()}.")
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def configs(self) -> list[dict]:
+        extra = [{"method": "trainable", "target_types": ["BatchNorm2d"]}] if self.bn == "train" else []
+        layers = [m.get("layers") for m in self.methods]
+        if extra and self.keep_base and all(layers):  # trainable BatchNorms only where the branch is
+            extra[0]["layers"] = sorted(set().union(*(config_from_dict(m).layers for m in self.methods)))
+        return [*self.methods, *extra]
+
+    def inject(self, model: nn.Module, names) -> nn.Module:
+        """Add this spec's adapter to ``model`` for a dataset of class ``names``."""
+        return inject(model, self.configs(), adapter_name=self.adapter_name, names=names, keep_base=self.keep_base)
+
+
+@dataclass
 class RunConfig:
     """A checked training config; ``model`` and ``data`` are absolute paths once files are checked."""
 
@@ -86,19 +152,9 @@ class RunConfig:
 
 def find_config(cfg: str | Path) -> Path:
     """A config given as a path, or as a bare name (``crops`` or ``crops.yaml``) in the repo's ``configs/``."""
-    p = Path(cfg).expanduser()
-    if p.is_file():
-        return p.resolve()
-    candidates = [p]
-    if not p.is_absolute() and p.parent == Path("."):
-        candidates += [CONFIGS_DIR / n for n in ([p.name] if p.suffix in {".yaml", ".yml"} else [f"{p.name}.yaml"])]
-    for c in candidates[1:]:
-        if c.is_file():
-            return c.resolve()
-    looked = ", ".join(str(c.resolve()) for c in candidates)
-    available = sorted(x.name for x in CONFIGS_DIR.glob("*.yaml"))
-    raise FileNotFoundError(f"Config '{cfg}' not found (looked in: {looked}). Pass a path, or one of the configs "
-                            f"in {CONFIGS_DIR}: {available}.")
+    return find_file(cfg, CONFIGS_DIR, "Config", lambda: f"Pass a path, or one of the configs in {CONFIGS_DIR}: "
+                     f"{sorted(x.name for x in CONFIGS_DIR.glob('*.yaml'))}.", suffixes=(".yaml",),
+                     known=(".yaml", ".yml"))
 
 
 def parse_value(text: str) -> Any:

@@ -1,4 +1,4 @@
-"""Keep Ultralytics training off the network: fonts for plots, and the AMP check on GPUs.
+"""Keep Ultralytics training off the network: the AMP check on GPUs (fonts: :mod:`visionpeft.fonts`).
 
 ``YOLO_OFFLINE`` (set by ``visionpeft.settings``) only turns off Ultralytics' online checks. Two places download
 anyway: ``check_font`` (every ``check_det_dataset`` call, and plot labels) asks GitHub for ``Arial.ttf`` unless a
@@ -17,41 +17,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..io import atomic_write_bytes
+from ..integrations.ultralytics import amp_check_replaced
 
-FONT_NAMES = ("Arial.ttf", "Arial.Unicode.ttf")  # the names Ultralytics looks up
 # GPUs on which Ultralytics disables AMP (NaN losses), as in ultralytics.utils.checks.check_amp.
 AMP_BROKEN_GPUS = re.compile(r"(nvidia|geforce|quadro|tesla).*?(1660|1650|1630|t400|t550|t600|t1000|t1200|t2000|k40m)",
                              re.IGNORECASE)
-
-
-def local_font() -> Path:
-    """DejaVu Sans, which matplotlib (an Ultralytics dependency) ships with every install."""
-    import matplotlib
-
-    return Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"
-
-
-def ensure_fonts(config_dir: str | Path | None = None) -> list[Path]:
-    """Put a local font where Ultralytics looks for ``Arial.ttf``/``Arial.Unicode.ttf``, unless one is there.
-
-    ``config_dir`` defaults to Ultralytics' ``USER_CONFIG_DIR`` (which ``YOLO_CONFIG_DIR`` moves). DejaVu Sans
-    covers Latin, Greek and Cyrillic labels; CJK class names draw as boxes instead of triggering a download.
-    """
-    if config_dir is None:
-        from ultralytics.utils import USER_CONFIG_DIR as config_dir
-    written = []
-    for name in FONT_NAMES:
-        dst = Path(config_dir) / name
-        if not dst.exists():
-            try:
-                written.append(atomic_write_bytes(dst, local_font().read_bytes()))
-            except OSError as e:  # a read-only config dir: plots fall back to PIL's default font
-                from ultralytics.utils import LOGGER
-
-                LOGGER.warning(f"visionpeft: could not place a local font at '{dst}' ({e}); Ultralytics may try to "
-                               "download Arial.ttf.")
-    return written
 
 
 def amp_works(model: nn.Module) -> bool:
@@ -95,15 +65,10 @@ def amp_works(model: nn.Module) -> bool:
 def offline_amp_check() -> Iterator[None]:
     """Inside, Ultralytics' trainer runs :func:`amp_works` instead of its downloading ``check_amp``, unless
     Ultralytics' own test weights are already local."""
-    import ultralytics.engine.trainer as engine
     from ultralytics.utils import WEIGHTS_DIR
 
-    original = engine.check_amp
     if (Path(WEIGHTS_DIR) / "yolo26n.pt").is_file():
         yield
         return
-    engine.check_amp = amp_works
-    try:
+    with amp_check_replaced(amp_works):
         yield
-    finally:
-        engine.check_amp = original

@@ -35,6 +35,7 @@ from safetensors.torch import save as save_bytes
 from torch import nn
 from torch.utils.data import BatchSampler, RandomSampler, Sampler
 
+from ..integrations.ultralytics import loader_batch_sampler
 from ..io import adapter_state_dict, atomic_write_bytes, load_adapter_tensors
 
 FORMAT = "visionpeft.train_state.v1"
@@ -81,7 +82,7 @@ def record_passes(loader: Any) -> PassRecorder | None:
     Ultralytics' ``InfiniteDataLoader`` iterates ``_RepeatSampler(BatchSampler(RandomSampler))``; DDP loaders use a
     ``DistributedSampler``, whose order is a function of the epoch already (``None`` then).
     """
-    batches = getattr(getattr(loader, "batch_sampler", None), "sampler", None)
+    batches = loader_batch_sampler(loader)
     if isinstance(batches, BatchSampler) and isinstance(batches.sampler, RandomSampler) \
             and batches.sampler.generator is not None:
         batches.sampler = PassRecorder(batches.sampler)

@@ -15,16 +15,13 @@ from typing import Any
 
 import yaml
 
+from ..integrations.ultralytics import RESUME_ARGS  # what Ultralytics lets a resumed run change
 from ..io import atomic_write_bytes
 from .config import RunConfig, load_config
-from .summary import RunSummary, summarize
+from .summary import EpochTimer, RunSummary, summarize
 from .trainer import PeftDetectionTrainer
 
 CONFIG_NAME = "visionpeft.yaml"  # the effective config, saved in the run directory
-# What Ultralytics lets a resumed run change: the `allowed` set inside engine.trainer.BaseTrainer.check_resume (a
-# local there, so copied; tests/test_resume.py compares it with the installed source).
-RESUME_ARGS = {"imgsz", "batch", "device", "close_mosaic", "augmentations", "save_period", "workers", "cache",
-               "patience", "time", "freeze", "val", "plots", "channels_last", "distill_model", "save_dir"}
 
 
 def run_dir_of(config: RunConfig) -> Path:
@@ -173,16 +170,11 @@ def train(cfg: str | Path | Mapping | None = None, callbacks: Mapping[str, Calla
         for fn in fns if isinstance(fns, (list, tuple)) else [fns]:
             trainer.add_callback(event, fn)
 
-    epoch_seconds: list[float] = []
-    started: list[float] = []
-    trainer.add_callback("on_train_epoch_start", lambda t: started.append(time.perf_counter()))
-    trainer.add_callback("on_fit_epoch_end",  # also fired by the final validation, which is no epoch
-                         lambda t: epoch_seconds.append(time.perf_counter() - started[-1])
-                         if len(epoch_seconds) < len(started) else None)
+    timer = EpochTimer().attach(trainer)
     _reset_gpu_peak(trainer)
     t0 = time.perf_counter()
     trainer.train()
-    summary = summarize(trainer, epoch_seconds, time.perf_counter() - t0)
+    summary = summarize(trainer, timer.epoch, time.perf_counter() - t0)
     summary.save()
 
     from ultralytics.utils import LOGGER

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from ..datasets import dropped_images
 from ..io import atomic_write_bytes
-from .data import dropped_images
 
 SUMMARY_NAME = "peft_summary.json"
 MAP50, MAP50_95 = "metrics/mAP50(B)", "metrics/mAP50-95(B)"
@@ -78,6 +79,38 @@ class RunSummary:
         return "\n".join(f"{k:<{w}}  {v}" for k, v in rows)
 
 
+class EpochTimer:
+    """Seconds per epoch of a training run, measured once for every report that states them (run summaries and the
+    benchmark), from the same Ultralytics callbacks.
+
+    ``train``: ``on_train_epoch_start`` to ``on_train_epoch_end``, the training pass alone (the benchmark's
+    ``sec_per_epoch``: validation costs the same for every method). ``epoch``: to ``on_fit_epoch_end``, training,
+    validation and checkpointing (the summary's ``seconds_per_epoch``); the final validation fires that callback
+    too, but is no epoch.
+    """
+
+    def __init__(self) -> None:
+        self.started: list[float] = []
+        self.train: list[float] = []
+        self.epoch: list[float] = []
+
+    def attach(self, trainer) -> EpochTimer:
+        trainer.add_callback("on_train_epoch_start", self._epoch_start)
+        trainer.add_callback("on_train_epoch_end", self._train_end)
+        trainer.add_callback("on_fit_epoch_end", self._epoch_end)
+        return self
+
+    def _epoch_start(self, trainer) -> None:
+        self.started.append(time.perf_counter())
+
+    def _train_end(self, trainer) -> None:
+        self.train.append(time.perf_counter() - self.started[-1])
+
+    def _epoch_end(self, trainer) -> None:
+        if len(self.epoch) < len(self.started):
+            self.epoch.append(time.perf_counter() - self.started[-1])
+
+
 def peak_rss_mib() -> float:
     """Peak resident memory of this process (dataloader workers not included)."""
     try:
@@ -107,7 +140,7 @@ def summarize(trainer, epoch_seconds: list[float], train_seconds: float) -> RunS
     if map50 is None and rows.get(MAP50):  # no final validation: the best epoch of results.csv
         i = max(range(epochs), key=lambda j: 0.1 * rows[MAP50][j] + 0.9 * rows[MAP50_95][j])
         map50, map50_95 = rows[MAP50][i], rows[MAP50_95][i]
-    best_epoch = getattr(trainer.stopper, "best_epoch", None)
+    best_epoch = getattr(getattr(trainer, "stopper", None), "best_epoch", None)  # none in a DDP launcher
     wdir = Path(trainer.wdir)
     adapter = next((p for p in (wdir / "best.safetensors", wdir / "last.safetensors") if p.is_file()), None)
     ckpt = wdir / ("best.pt" if adapter is not None and adapter.stem == "best" else "last.pt")

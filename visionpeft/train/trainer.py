@@ -9,8 +9,8 @@ AMP, progress bars, ``results.csv``). The overrides below handle what full fine-
 * ``build_optimizer`` re-freezes the base, since ``_setup_train`` re-enables ``requires_grad`` on every parameter,
   and gives the optimizer the trainable parameters only;
   (``freeze`` also turns frozen BatchNorms into ``FrozenBatchNorm2d``: fixed statistics, no saved activations);
-* ``_model_train`` keeps frozen norm layers in eval mode (FrozenBatchNorm2d ignores the mode anyway; this covers
-  other BatchNorm kinds), so their running statistics do not drift;
+* ``on_model_train`` (after Ultralytics' ``_model_train``) keeps frozen norm layers in eval mode
+  (FrozenBatchNorm2d ignores the mode anyway; this covers other BatchNorm kinds), so their statistics do not drift;
 * ``save_model`` writes ``last.pt``/``best.pt`` atomically and, next to them, the adapter files
   ``last.safetensors`` in float32 (for resume; the ``.pt`` files hold an fp16 copy of the EMA) and
   ``best.safetensors``, the task's deliverable, in float16;
@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import copy
 import os
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -38,87 +38,24 @@ from ultralytics.nn.tasks import DetectionModel
 from ultralytics.utils import DEFAULT_CFG, LOGGER, RANK
 from ultralytics.utils.torch_utils import unwrap_model
 
+from ..datasets import resolve_dataset
+from ..fonts import ensure_fonts
 from ..inject import (
     STATE_ATTR,
     fingerprint,
     freeze,
     frozen_norm_modules,
-    inject,
     set_adapter,
     trainable_report,
 )
-from ..io import AdapterFileError, adapter_state_dict, load_adapter_tensors, read_adapter, save_adapter
-from ..methods import LoraConfig, config_from_dict
+from ..integrations.ultralytics import TrainerHooks
+from ..io import AdapterFileError, load_adapter_tensors, read_adapter, save_adapter
 from ..models import build_detector, load_base
-from . import resume_state, runlock
-from .data import resolve_dataset
-from .offline import ensure_fonts, offline_amp_check
+from . import ddp, resume_state, runlock
+from .config import PeftSpec
+from .offline import offline_amp_check
 
 SPEC_KEY = "train"  # model.visionpeft[SPEC_KEY]: the PeftSpec a checkpoint was trained with (for resume)
-
-
-@dataclass
-class PeftSpec:
-    """What to train: adapter name, method configs (dicts as in YAML), BatchNorm policy, LR multiplier.
-
-    ``bn``: ``"frozen"`` keeps BatchNorm weights and statistics of the base (eval mode); ``"train"`` gives each
-    BatchNorm a trainable copy (affine and running statistics) saved with the adapter.
-    ``lr_mult`` scales the learning rate Ultralytics picks (adapters often want more than full fine-tuning).
-    ``keep_base``: the merged model keeps the base classes beside the new ones (base names first); the adapter
-    trains as usual, and its lowest adapted layer (set with the methods' ``layers``) is where the merged model's
-    branch leaves the base (:func:`visionpeft.inject.with_base`).
-    """
-
-    adapter_name: str = "default"
-    methods: list[dict] = field(default_factory=lambda: [LoraConfig().to_dict()])
-    bn: str = "frozen"
-    lr_mult: float = 1.0
-    keep_base: bool = False
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.adapter_name, str) or not self.adapter_name or "." in self.adapter_name:
-            raise ValueError(f"peft.adapter_name must be a non-empty name without dots, not {self.adapter_name!r}.")
-        if self.bn not in {"frozen", "train"}:
-            raise ValueError(f"peft.bn must be 'frozen' or 'train', not {self.bn!r}.")
-        if isinstance(self.lr_mult, bool) or not isinstance(self.lr_mult, (int, float)) or not self.lr_mult > 0:
-            raise ValueError(f"peft.lr_mult must be a positive number, not {self.lr_mult!r}.")
-        if not isinstance(self.keep_base, bool):
-            raise ValueError(f"peft.keep_base must be true or false, not {self.keep_base!r}.")
-        if not isinstance(self.methods, list) or not self.methods:
-            raise ValueError("peft.methods must be a non-empty list of method configs, e.g. "
-                             "[{method: lora, r: 8, alpha: 16}].")
-        for i, m in enumerate(self.methods):
-            if not isinstance(m, dict):
-                raise ValueError(f"peft.methods[{i}] must be a mapping with a 'method' key, not {m!r}.")
-            try:
-                config_from_dict(m)  # fail early, with the list of valid options
-            except (TypeError, ValueError) as e:
-                raise ValueError(f"peft.methods[{i}]: {e}") from e
-
-    @classmethod
-    def field_names(cls) -> list[str]:
-        return [f.name for f in fields(cls)]
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> PeftSpec:
-        unknown = sorted(set(d) - set(cls.field_names()))
-        if unknown:
-            raise ValueError(f"Unknown peft key(s) {unknown}. Valid keys: {cls.field_names()}.")
-        return cls(**d)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def configs(self) -> list[dict]:
-        extra = [{"method": "trainable", "target_types": ["BatchNorm2d"]}] if self.bn == "train" else []
-        layers = [m.get("layers") for m in self.methods]
-        if extra and self.keep_base and all(layers):  # trainable BatchNorms only where the branch is
-            extra[0]["layers"] = sorted(set().union(*(config_from_dict(m).layers for m in self.methods)))
-        return [*self.methods, *extra]
-
-    def inject(self, model: nn.Module, names) -> nn.Module:
-        """Add this spec's adapter to ``model`` for a dataset of class ``names``."""
-        return inject(model, self.configs(), adapter_name=self.adapter_name, names=names, keep_base=self.keep_base)
 
 
 def copy_base_tensors(dst: nn.Module, src: nn.Module) -> None:
@@ -129,7 +66,7 @@ def copy_base_tensors(dst: nn.Module, src: nn.Module) -> None:
             v.copy_(src_sd[k.replace(".base_layer.", ".")] if k not in src_sd else src_sd[k])
 
 
-class PeftDetectionTrainer(DetectionTrainer):
+class PeftDetectionTrainer(TrainerHooks, DetectionTrainer):
     """Ultralytics ``DetectionTrainer`` that trains the adapters of ``peft`` (a :class:`PeftSpec` or its dict).
 
     Without ``peft``, a model that already carries adapters (``Model.train(trainer=...)`` after
@@ -155,19 +92,23 @@ class PeftDetectionTrainer(DetectionTrainer):
         except BaseException:
             runlock.release(self.lock)
             raise
-        self.add_callback("on_train_epoch_start", PeftDetectionTrainer._epoch_started)
-        self.add_callback("on_train_batch_start", PeftDetectionTrainer._batch_started)
+        for event, fn in (("on_train_epoch_start", PeftDetectionTrainer._epoch_started),
+                          ("on_train_batch_start", PeftDetectionTrainer._batch_started)):
+            if fn not in self.callbacks[event]:  # DDP workers get the launcher's callbacks, these included
+                self.add_callback(event, fn)
 
     # -- run folder --------------------------------------------------------------------------------------------
     def check_resume(self, overrides) -> None:
         """Ultralytics settles the args (the checkpoint's on resume) here, first thing in ``BaseTrainer.__init__``,
         which then writes ``args.yaml`` and deletes a stale ``results.csv`` in the run folder: lock it first."""
         super().check_resume(overrides)
-        if RANK == -1:  # DDP workers: the launching process holds the lock
+        if RANK in {-1, 0}:  # under DDP, rank 0 holds it (the launcher lets it go: ddp.prepare_launch)
             self.lock = runlock.lock_run_folder(self.args)
 
     def train(self) -> None:
         try:
+            if self.ddp:  # this process launches the DDP workers (device=0,1,...)
+                ddp.prepare_launch(self)
             super().train()
         finally:
             runlock.release(self.lock)
@@ -190,10 +131,22 @@ class PeftDetectionTrainer(DetectionTrainer):
         restricted unpickler instead of Ultralytics' ``load_checkpoint`` (``weights_only=False``), so a base file
         cannot run code. Resume (``last.pt``, a file this trainer wrote) and the other cases stay Ultralytics'."""
         if self.resume or isinstance(self.model, nn.Module) or not str(self.model).lower().endswith(".pt"):
-            return super().setup_model()
-        weights = load_base(self.model)
-        self.model = self.get_model(cfg=weights.yaml, weights=weights, verbose=RANK in {-1, 0})
-        return None
+            if RANK != -1 and isinstance(self.model, nn.Module):  # a DDP worker, given the launcher's model
+                self._adopt_model_spec(self.model)
+            ckpt = super().setup_model()
+        else:
+            weights = load_base(self.model)
+            self.model = self.get_model(cfg=weights.yaml, weights=weights, verbose=RANK in {-1, 0})
+            ckpt = None
+        if RANK != -1:  # a DDP worker: Ultralytics' _setup_train wraps the model next
+            ddp.ignore_frozen(self.model)
+        return ckpt
+
+    def _adopt_model_spec(self, model: nn.Module) -> None:
+        """A DDP worker is built without ``peft=``: it trains the spec the launcher injected (ddp.prepare_launch)."""
+        saved = getattr(model, STATE_ATTR, {}).get(SPEC_KEY)
+        if saved is not None and not self._peft_given:
+            self.peft = PeftSpec.from_dict(saved)
 
     def get_model(self, cfg=None, weights=None, verbose: bool = True) -> DetectionModel:
         if weights is not None and hasattr(weights, STATE_ATTR):  # resume (last.pt), or adapters injected by hand
@@ -251,13 +204,13 @@ class PeftDetectionTrainer(DetectionTrainer):
                              f"{fingerprint(base)} != {model.visionpeft['fingerprint']}); cannot resume on them.")
         copy_base_tensors(model, base)
 
-    def _setup_train(self) -> None:
-        with offline_amp_check():
-            super()._setup_train()
+    def setup_train_context(self):
+        return offline_amp_check()
 
     # -- optimisation ------------------------------------------------------------------------------------------
     def build_optimizer(self, model, name="auto", lr=0.001, momentum=0.9, decay=1e-5, iterations=1e5):
         freeze(unwrap_model(model))
+        ddp.forget_ignored(unwrap_model(model))  # DDP (wrapped by now) keeps its own copy
         self.trainable = trainable_report(unwrap_model(model))
         optimizer = super().build_optimizer(model, name, lr, momentum, decay, iterations)
         for group in optimizer.param_groups:
@@ -296,14 +249,12 @@ class PeftDetectionTrainer(DetectionTrainer):
             self._resume_albumentations = resume_state.restore_epoch_start(self, tensors, meta, self._passes)
             self._last_opt_step = self._resume_gate = meta["last_opt_step"]
 
-    def _close_dataloader_mosaic(self) -> None:
-        super()._close_dataloader_mosaic()
+    def on_mosaic_closed(self) -> None:
         saved, self._resume_albumentations = self._resume_albumentations, None
         if saved is not None:  # the interrupted run's augmentation streams, onto the transforms just rebuilt
             resume_state.restore_albumentations(self.train_loader.dataset.transforms, saved)
 
-    def _model_train(self) -> None:
-        super()._model_train()
+    def on_model_train(self) -> None:
         for m in frozen_norm_modules(unwrap_model(self.model)):
             m.eval()
 
@@ -350,15 +301,12 @@ class PeftDetectionTrainer(DetectionTrainer):
             load_adapter_tensors(m, tensors, name)
         LOGGER.info(f"visionpeft: resumed the fp32 adapter of epoch {epoch + 1} from '{path}'")
 
-    def _handle_nan_recovery(self, epoch) -> bool:
-        """Ultralytics reloads the model from the fp16 ``last.pt`` here; put the fp32 base back afterwards."""
-        recovered = super()._handle_nan_recovery(epoch)
-        if recovered:
-            model = unwrap_model(self.model)
-            self._restore_base(model)
-            if self.ema:
-                copy_base_tensors(self.ema.ema, model)
-        return recovered
+    def on_nan_recovered(self) -> None:
+        """Ultralytics reloaded the model from the fp16 ``last.pt``; put the fp32 base back."""
+        model = unwrap_model(self.model)
+        self._restore_base(model)
+        if self.ema:
+            copy_base_tensors(self.ema.ema, model)
 
     def save_model(self) -> bool:
         """Ultralytics' checkpoints, written atomically, plus the float32 adapter files beside them."""
@@ -383,6 +331,3 @@ class PeftDetectionTrainer(DetectionTrainer):
             os.replace(tmp_best, best)
         return saved
 
-    def adapter_tensors(self) -> dict:
-        """The current (EMA) adapter tensors, for inspection and tests."""
-        return adapter_state_dict(self.ema.ema)

@@ -125,7 +125,7 @@ def create_vit(name: str, *, pretrained: bool | str | Path, img_size: int | None
     import timm
 
     from .. import settings
-    from ..models import resolve_weights
+    from ..paths import resolve_weights
 
     check_backbone(name, timm_kwargs)
     kwargs = {"num_classes": 0, "dynamic_img_size": True, "in_chans": in_chans, **(timm_kwargs or {})}

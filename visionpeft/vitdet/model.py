@@ -28,6 +28,7 @@ from ultralytics.nn.tasks import DetectionModel
 from ultralytics.utils import LOGGER, YAML
 from ultralytics.utils.torch_utils import initialize_weights
 
+from ..integrations.ultralytics import modern_detect_head
 from .backbone import TimmViTBackbone, backbone_stride, create_vit
 
 PREFIX = "vitdet:"
@@ -153,18 +154,8 @@ class PyramidLevel(nn.Module):
 
 
 def new_detect_head(nc: int, ch: list[int]) -> Detect:
-    """The YOLO11-style ``Detect`` head (depthwise class branch) regardless of what YAML was parsed last.
-
-    ``Detect.legacy`` is a class attribute that Ultralytics' YAML parser sets process-wide; pin it while building.
-    """
-    saved = Detect.legacy
-    Detect.legacy = False
-    try:
-        head = Detect(nc=nc, reg_max=16, end2end=False, ch=ch)
-    finally:
-        Detect.legacy = saved
-    head.legacy = False
-    return head
+    """The YOLO11-style ``Detect`` head (depthwise class branch) regardless of what YAML was parsed last."""
+    return modern_detect_head(nc, ch, reg_max=16, end2end=False)
 
 
 def _layer(module: nn.Module, i: int, f: int | list[int]) -> nn.Module:
@@ -236,9 +227,9 @@ class VitDetModel(DetectionModel):
     def fuse(self, verbose: bool = True, imgsz: int = 640):
         """Merge adapters first (Ultralytics val/predict/export fuse models; Conv+BN folding must see plain convs)."""
         if getattr(self, "visionpeft", None) is not None:
-            from ..inject import merge_
+            from ..families.vitdet import VitDetFamily
 
-            merge_(self)
+            VitDetFamily().merge_(self)
         return super().fuse(verbose=verbose, imgsz=imgsz)
 
 

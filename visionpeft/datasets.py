@@ -1,5 +1,7 @@
 """Dataset YAMLs: find them by name in the repo's ``datasets/`` folder and point them at the assets location.
 
+Shared by training, validation (``visionpeft.YOLO``) and export, so none of them imports another to read a dataset.
+
 The YAMLs in ``datasets/`` say ``path: ${assets}/datasets/<name>``, so one setting (``$VISIONPEFT_ASSETS``, see
 :func:`visionpeft.settings.assets_dir`) moves every dataset at once. Ultralytics reads data YAMLs from files only
 (``check_det_dataset``), so :func:`resolve_dataset` writes the resolved copy into the run directory, where it also
@@ -16,8 +18,9 @@ from typing import Any
 
 import yaml
 
-from .. import settings
-from ..io import atomic_write_bytes
+from . import settings
+from .io import atomic_write_bytes
+from .paths import find_file
 
 DATASETS_DIR = settings.ROOT / "datasets"
 PLACEHOLDER = "${assets}"
@@ -34,19 +37,8 @@ def find_dataset_yaml(data: str | Path) -> Path:
 
     Bare names never fall through to Ultralytics' own dataset YAMLs, which download their images.
     """
-    p = Path(data).expanduser()
-    if p.is_file():
-        return p.resolve()
-    candidates = [p]
-    if not p.is_absolute() and p.parent == Path("."):
-        names = [p.name] if p.suffix in {".yaml", ".yml"} else [f"{p.name}.yaml", f"{p.name}.yml"]
-        candidates += [DATASETS_DIR / n for n in names]
-    for c in candidates[1:]:
-        if c.is_file():
-            return c.resolve()
-    looked = ", ".join(str(c.resolve()) for c in candidates)
-    raise FileNotFoundError(f"Dataset YAML '{data}' not found (looked in: {looked}). Pass a path to a data YAML, or "
-                            f"one of the names in {DATASETS_DIR}: {available_datasets()}.")
+    return find_file(data, DATASETS_DIR, "Dataset YAML", lambda: "Pass a path to a data YAML, or one of the names in "
+                     f"{DATASETS_DIR}: {available_datasets()}.", suffixes=(".yaml", ".yml"))
 
 
 def _substitute(value: Any, assets: str, source: Path) -> Any:

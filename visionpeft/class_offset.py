@@ -14,8 +14,8 @@ from typing import Any
 
 import yaml
 
-from ..io import atomic_write_bytes
-from .data import class_names, image_files, load_dataset, resolve_dataset
+from .datasets import class_names, image_files, load_dataset, resolve_dataset
+from .io import atomic_write_bytes
 
 
 def names_offset(model_names: Any, data_names: Any) -> int | None:

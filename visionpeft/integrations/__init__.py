@@ -1,0 +1,1 @@
+"""Integrations with other libraries: :mod:`.ultralytics` is the one module touching Ultralytics internals."""
