@@ -187,6 +187,16 @@ def test_train_cli_usage_errors_are_one_line(args, tmp_path, capsys):
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize("override", [{"peft.methods.0.layers": 99}, {"peft.methods.0.target_types": ["BatchNorm2d"]}])
+def test_train_api_checks_targets_before_the_run_folder(override, tmp_path):
+    """Python callers get the CLI's target check too: the error, and no run folder."""
+    from visionpeft.train import train
+
+    with pytest.raises((ValueError, TypeError), match="match|supports"):
+        train("coco8_smoke.yaml", project=str(tmp_path / "runs"), **override)
+    assert not (tmp_path / "runs").exists()
+
+
 def test_benchmark_cli_usage_errors_are_one_line(capsys):
     for args in (["--bogus"], ["--cfg", "bench_smoke.yaml", "epoch=3"], ["--cfg", "nope.yaml"]):
         try:

@@ -23,8 +23,8 @@ from visionpeft.inject import merge_
 from visionpeft.models import resolve_weights
 from visionpeft.settings import datasets_dir
 from visionpeft.train import PeftSpec
-from visionpeft.train.cli import check_adapter_targets
 from visionpeft.train.config import load_config
+from visionpeft.train.run import check_adapter_targets
 
 IMGSZ = 64
 NAMES = ["crop", "weed"]

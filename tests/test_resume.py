@@ -4,8 +4,6 @@ and one live run holds a run folder at a time."""
 
 from __future__ import annotations
 
-import ast
-import inspect
 import json
 import logging
 import os
@@ -24,7 +22,7 @@ import yaml
 from visionpeft.io import read_adapter
 from visionpeft.train import load_config, train
 from visionpeft.train import run as run_module
-from visionpeft.train.run import CONFIG_NAME, RESUME_ARGS, find_last_checkpoint
+from visionpeft.train.run import CONFIG_NAME, find_last_checkpoint
 from visionpeft.train.runlock import LOCK_NAME, RunFolderLockedError, acquire, release
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -150,18 +148,6 @@ def test_resume_warns_only_about_settings_that_differ(tmp_path):
     assert len(log.records) == 1 and "['epochs', 'peft.lr_mult']" in log.records[0]
 
 
-def test_resume_args_are_ultralytics_check_resume_list():
-    """RESUME_ARGS copies the `allowed` set of the installed BaseTrainer.check_resume (a local there)."""
-    from ultralytics.engine.trainer import BaseTrainer
-
-    tree = ast.parse(textwrap.dedent(inspect.getsource(BaseTrainer.check_resume)))
-    allowed = [node.value for node in ast.walk(tree) if isinstance(node, ast.Assign)
-               and any(isinstance(t, ast.Name) and t.id == "allowed" for t in node.targets)]
-    assert len(allowed) == 1 and isinstance(allowed[0], ast.Set)
-    assert {ast.literal_eval(e) for e in allowed[0].elts} == RESUME_ARGS
-
-
-@pytest.fixture
 def other_process():
     proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
     yield proc.pid

@@ -5,10 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, NoReturn
-
-if TYPE_CHECKING:
-    from .config import RunConfig
+from typing import NoReturn
 
 EPILOG = """\
 overrides (key=value, Ultralytics style; they win over the config file):
@@ -37,19 +34,6 @@ def usage_error(prog: str, message: object) -> int:
     return 2
 
 
-def check_adapter_targets(config: RunConfig) -> None:
-    """Inject the config's adapters into its base once, as the trainer's ``get_model`` will, so that a base that
-    cannot be built or targets that match no module (``peft.methods.0.layers=99``) fail before Ultralytics makes
-    the run folder. Costs one base load (under a second for yolo11n.pt)."""
-    from ..datasets import load_dataset
-    from ..models import load_base
-
-    data = load_dataset(config.data)[0]
-    names = data.get("names") or [f"class_{i}" for i in range(int(data["nc"]))]
-    base = load_base(config.model, nc=len(names))
-    config.peft.inject(base, names)  # keep_base: also a new class named like a base class
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = OneLineParser(
         prog="visionpeft-train", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -60,7 +44,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from .config import load_config, parse_overrides
-    from .run import find_last_checkpoint, train
+    from .run import check_adapter_targets, find_last_checkpoint, train
     from .runlock import RunFolderLockedError
 
     try:

@@ -7,6 +7,7 @@ come from that checkpoint, as in Ultralytics.
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from collections.abc import Callable, Mapping
@@ -137,6 +138,26 @@ def _moved_run_args(run: Path, previous: Mapping[str, Any], data_given: bool) ->
     return args
 
 
+_TARGETS_CHECKED: set[str] = set()  # configs checked in this process (the CLI checks before it calls train())
+
+
+def check_adapter_targets(config: RunConfig) -> None:
+    """Inject the config's adapters into its base once, as the trainer's ``get_model`` will, so that a base that
+    cannot be built or targets that match no module (``peft.methods.0.layers=99``) fail before Ultralytics makes
+    the run folder. Costs one base load (under a second for yolo11n.pt), once per config and process."""
+    from ..datasets import load_dataset
+    from ..models import load_base
+
+    key = json.dumps([str(config.model), str(config.data), config.peft.to_dict()], sort_keys=True, default=str)
+    if key in _TARGETS_CHECKED:
+        return
+    data = load_dataset(config.data)[0]
+    names = data.get("names") or [f"class_{i}" for i in range(int(data["nc"]))]
+    base = load_base(config.model, nc=len(names))
+    config.peft.inject(base, names)  # keep_base: also a new class named like a base class
+    _TARGETS_CHECKED.add(key)
+
+
 def train(cfg: str | Path | Mapping | None = None, callbacks: Mapping[str, Callable | list[Callable]] | None = None,
           **overrides: Any) -> RunSummary:
     """Train the adapters of ``cfg`` (a YAML path or name in ``configs/``, or a dict) with ``overrides``.
@@ -159,6 +180,7 @@ def train(cfg: str | Path | Mapping | None = None, callbacks: Mapping[str, Calla
             args.update(_moved_run_args(last.parent.parent, previous.get("train", {}), "data" in args))
         trainer = PeftDetectionTrainer(overrides={"resume": str(last), **args}, peft=None)
     else:
+        check_adapter_targets(config)
         trainer = PeftDetectionTrainer(overrides=config.trainer_overrides(), peft=config.peft)
         text = yaml.safe_dump({**config.to_dict(), "source": str(config.source) if config.source else None},
                               sort_keys=False)
