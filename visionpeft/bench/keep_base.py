@@ -124,6 +124,8 @@ def run_keep_benchmark(cfg: dict, out_dir: str | Path | None = None) -> dict[str
         export_onnx(base, base_onnx, imgsz=imgsz)
 
     def save() -> None:
+        if store.exists():  # rows another keep-base command (e.g. only=<another run>) finished meanwhile
+            done.update({k: v for k, v in json.loads(store.read_text()).items() if k not in done})
         atomic_write_bytes(store, json.dumps(done, indent=2).encode())
         write_keep_reports(done, out_dir, f"{Path(str(first['data'])).stem} + {Path(base_data).parent.name} base "
                                           f"classes, {Path(weights).name}, imgsz={imgsz}")
