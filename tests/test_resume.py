@@ -148,6 +148,7 @@ def test_resume_warns_only_about_settings_that_differ(tmp_path):
     assert len(log.records) == 1 and "['epochs', 'peft.lr_mult']" in log.records[0]
 
 
+@pytest.fixture
 def other_process():
     proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
     yield proc.pid
