@@ -291,9 +291,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{out}: {out.stat().st_size / 1e6:.2f} MB, from {args.base} + {args.patch} "
               f"({Path(args.patch).stat().st_size / 1e6:.2f} MB) in {time.perf_counter() - start:.2f} s")
     except (PatchError, OSError) as e:
-        print(f"visionpeft.edge: error: {' '.join(str(e).split())}", file=sys.stderr)  # one line
-        return 2
+        return cli_error(e)
     return 0
+
+
+def cli_error(e: BaseException) -> int:
+    """The device CLIs' answer to bad input: one line on stderr, exit status 2."""
+    print(f"visionpeft.edge: error: {' '.join(str(e).split())}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .apply import FACTOR_PREFIX, FLOATS, PatchError, bare_graph, check_base, load_onnx, read_recipe, rebuild
+from .apply import FACTOR_PREFIX, FLOATS, PatchError, bare_graph, check_base, cli_error, load_onnx, read_recipe, rebuild
 
 #: tensors at least this large (bytes) are handed over in memory; smaller ones stay in the graph for shape inference
 EXTERNAL_BYTES = 4096
@@ -275,6 +275,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"memory: {rss_mb():.0f} MiB RSS ({rss_mb() - start_rss:+.0f} MiB for the base, {len(names)} patches "
               f"and {min(args.keep, len(names))} live session(s))")
     except (PatchError, OSError) as e:
-        print(f"visionpeft.edge: error: {' '.join(str(e).split())}", file=sys.stderr)  # one line
-        return 2
+        return cli_error(e)
     return 0
