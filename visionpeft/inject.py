@@ -204,6 +204,14 @@ def trainable_parameter_names(model: nn.Module) -> set[str]:
     return {n for n, _ in model.named_parameters() if marker in n}
 
 
+def full_trained_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Parameters of the active adapter that train in full, not low-rank: re-initialised class outputs and
+    BatchNorm copies (:class:`~visionpeft.methods.trainable.TrainableCopy`)."""
+    active = peft_state(model)["active"]
+    copies = [w.adapters[active] for _, w in adapted_modules(model) if active in w.adapters]
+    return [p for c in copies if isinstance(c, TrainableCopy) for p in c.parameters()]
+
+
 def freeze(model: nn.Module) -> set[str]:
     """Set ``requires_grad`` to train exactly the active adapter; returns the trainable names.
 

@@ -69,6 +69,8 @@ class PeftSpec:
     ``bn``: ``"frozen"`` keeps BatchNorm weights and statistics of the base (eval mode); ``"train"`` gives each
     BatchNorm a trainable copy (affine and running statistics) saved with the adapter.
     ``lr_mult`` scales the learning rate Ultralytics picks (adapters often want more than full fine-tuning).
+    ``full_lr_mult`` scales it for what trains in full instead (re-initialised class outputs, BatchNorm copies);
+    ``None``: ``lr_mult`` as well.
     ``keep_base``: the merged model keeps the base classes beside the new ones (base names first); the adapter
     trains as usual, and its lowest adapted layer (set with the methods' ``layers``) is where the merged model's
     branch leaves the base (:func:`visionpeft.inject.with_base`).
@@ -78,6 +80,7 @@ class PeftSpec:
     methods: list[dict] = field(default_factory=lambda: [LoraConfig().to_dict()])
     bn: str = "frozen"
     lr_mult: float = 1.0
+    full_lr_mult: float | None = None
     keep_base: bool = False
 
     def __post_init__(self) -> None:
@@ -85,8 +88,12 @@ class PeftSpec:
             raise ValueError(f"peft.adapter_name must be a non-empty name without dots, not {self.adapter_name!r}.")
         if self.bn not in {"frozen", "train"}:
             raise ValueError(f"peft.bn must be 'frozen' or 'train', not {self.bn!r}.")
-        if isinstance(self.lr_mult, bool) or not isinstance(self.lr_mult, (int, float)) or not self.lr_mult > 0:
-            raise ValueError(f"peft.lr_mult must be a positive number, not {self.lr_mult!r}.")
+        for key in ("lr_mult", "full_lr_mult"):
+            value = getattr(self, key)
+            if key == "full_lr_mult" and value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"peft.{key} must be a positive number, not {value!r}.")
         if not isinstance(self.keep_base, bool):
             raise ValueError(f"peft.keep_base must be true or false, not {self.keep_base!r}.")
         if not isinstance(self.methods, list) or not self.methods:

@@ -45,6 +45,7 @@ from ..inject import (
     fingerprint,
     freeze,
     frozen_norm_modules,
+    full_trained_parameters,
     set_adapter,
     trainable_report,
 )
@@ -213,11 +214,22 @@ class PeftDetectionTrainer(TrainerHooks, DetectionTrainer):
         ddp.forget_ignored(unwrap_model(model))  # DDP (wrapped by now) keeps its own copy
         self.trainable = trainable_report(unwrap_model(model))
         optimizer = super().build_optimizer(model, name, lr, momentum, decay, iterations)
-        for group in optimizer.param_groups:
-            group["params"] = [p for p in group["params"] if p.requires_grad]
-            group["lr"] *= self.peft.lr_mult
+        full_mult = self.peft.full_lr_mult
+        in_full = set() if full_mult is None else {id(p) for p in full_trained_parameters(unwrap_model(model))}
+        groups = []
+        for group in optimizer.param_groups:  # Ultralytics' groups (decayed weights, norm weights, biases), each
+            params = [p for p in group["params"] if p.requires_grad]  # split in adapters / trained in full
+            for mult, chosen in ((self.peft.lr_mult, [p for p in params if id(p) not in in_full]),
+                                 (full_mult, [p for p in params if id(p) in in_full])):
+                if chosen:
+                    groups.append({**group, "params": chosen, "lr": group["lr"] * mult})
+        optimizer.param_groups.clear()
+        for group in groups:  # add_param_group keeps the optimizer's per-group defaults and checks for overlaps
+            optimizer.add_param_group(group)
         n = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
-        LOGGER.info(f"visionpeft: optimizer gets {n:,} trainable parameters (lr x{self.peft.lr_mult:g})")
+        rates = f"lr x{self.peft.lr_mult:g}" + ("" if full_mult is None else
+                                                f", x{full_mult:g} for the {len(in_full)} tensors trained in full")
+        LOGGER.info(f"visionpeft: optimizer gets {n:,} trainable parameters ({rates})")
         return optimizer
 
     @property
