@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import onnx
@@ -146,6 +147,12 @@ def test_int8_keeps_the_decode_in_float(tmp_path, lora_export, coco8):
     ops = {n.name: n.op_type for n in fp32.graph.node}
     assert {"Softmax", "Sigmoid", "Concat"} <= {ops[n] for n in kept}  # DFL, class scores, output concat
     assert any(n.op_type == "Conv" and "dfl" in n.name for n in fp32.graph.node if n.name in kept)
+    logits = [n.name for n in fp32.graph.node if re.fullmatch(r"/model\.23/cv[23]\.\d/cv[23]\.\d\.2/Conv", n.name)]
+    assert len(logits) == 6 and set(logits) <= kept  # box and class output convs: float
+    weights = {n.name: n.input[1] for n in int8.graph.node if n.op_type == "Conv"}
+    dequantized = {n.output[0] for n in int8.graph.node if n.op_type == "DequantizeLinear"}
+    assert all(weights[n] not in dequantized for n in logits)
+    assert sum(weights[n] in dequantized for n in weights) > 50  # the other convs: int8 weights
     producers = {o: n for n in int8.graph.node for o in n.output}
     output = producers[int8.graph.output[0].name]
     assert output.op_type == "Concat" and all(producers[i].op_type != "DequantizeLinear" for i in output.input)
