@@ -28,6 +28,10 @@ def test_benchmark_reports_and_resumes(tmp_path):
         assert 0 <= float(r["mAP50-95"]) <= 1 and float(r["sec_per_epoch"]) > 0 and float(r["peak_rss_mb"]) > 100
         assert float(r["onnx_kb"]) > 1000 and float(r["onnx_latency_ms"]) > 0
     assert "| lora_r4 | peft |" in (out / "results.md").read_text()
+    # time to full fine-tuning's mAP, from the per-epoch validation: full itself gets there at its best epoch
+    curves = {r["name"]: r["curve"] for r in results}
+    assert len(curves["full"]) == 1 and float(full["time_to_full_s"]) == pytest.approx(curves["full"][0][0])
+    assert lora["time_to_full_s"] == "never" or float(lora["time_to_full_s"]) == pytest.approx(curves["lora_r4"][0][0])
 
     # An interrupted benchmark resumes: finished runs are kept, not run again.
     done = (out / "full" / "weights" / "best.pt").stat().st_mtime_ns

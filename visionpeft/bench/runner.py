@@ -19,7 +19,7 @@ import yaml
 from ..io import atomic_write_bytes
 
 COLUMNS = ["name", "kind", "mAP50", "mAP50-95", "vs_full", "trainable", "trainable_pct", "sec_per_epoch",
-           "time_vs_full", "peak_rss_mb", "rss_vs_full", "task_file_kb", "file_vs_full", "onnx_kb",
+           "time_vs_full", "time_to_full_s", "peak_rss_mb", "rss_vs_full", "task_file_kb", "file_vs_full", "onnx_kb",
            "onnx_latency_ms"]
 BENCH_KEYS = {"base", "train", "runs", "project", "name", "only"}
 
@@ -117,8 +117,19 @@ def with_ratios(results: list[dict]) -> list[dict]:
             r[key] = r[ref] / full[ref] if full and full[ref] else float("nan")
         if full:
             r["file_vs_full"] = r["task_file_kb"] / full["checkpoint_kb"]
+            # full fine-tuning's best epoch (its final mAP is that epoch's fp16 checkpoint, rounded differently)
+            target = max((v for _, v in full.get("curve") or []), default=full["mAP50-95"])
+            r["time_to_full_s"] = time_to_reach(r.get("curve"), target)
         out.append(r)
     return out
+
+
+def time_to_reach(curve: list | None, target: float) -> float | str:
+    """Training seconds until the first epoch whose mAP50-95 reaches ``target`` (full fine-tuning's), what a user
+    waits for; ``"never"`` within the budget, ``""`` without per-epoch validation."""
+    if not curve:
+        return ""
+    return next((seconds for seconds, value in curve if value >= target), "never")
 
 
 def _fmt(v) -> str:

@@ -66,6 +66,7 @@ def run_one(spec: dict) -> dict:
     m = trainer.metrics or {}
     args = trainer.args
     return {
+        **learning_curve(trainer, timer.train),
         "name": spec["name"],
         "kind": spec["kind"],
         # the budget this run actually had (images after ``fraction``), so a table can state it
@@ -87,6 +88,16 @@ def run_one(spec: dict) -> dict:
         "onnx_kb": Path(onnx).stat().st_size / 1024,
         "onnx_latency_ms": latency_ms([onnx], (imgsz, imgsz))[0],  # onnxruntime CPU, 1 thread, median
     }
+
+
+def learning_curve(trainer, train_seconds: list[float]) -> dict:
+    """``curve``: per validated epoch, training seconds so far (validation not counted) and mAP50-95, from
+    ``results.csv``; empty when validation was off during training (only the last epoch has a mAP then)."""
+    rows = trainer.read_results_csv() if trainer.csv.exists() else {}
+    maps = rows.get("metrics/mAP50-95(B)", [])
+    if not trainer.args.val or len(maps) != len(train_seconds):
+        return {"curve": []}
+    return {"curve": [[float(t), float(v)] for t, v in zip(np.cumsum(train_seconds), maps, strict=True)]}
 
 
 def main(argv: list[str] | None = None) -> None:
