@@ -133,7 +133,8 @@ def test_crop_weed_fraction_with_field_augmentations(tmp_path, fresh_base):
 
     rec = Recorder()
     summary = train("crops.yaml", callbacks=rec.callbacks(), project=str(tmp_path), name="cw",
-                    **{**FAST, "epochs": 1, "fraction": [0.02, 0.05], "batch": 4, "nbs": 4, "peft.full_lr_mult": 1})
+                    **{**FAST, "epochs": 1, "fraction": [0.02, 0.05], "batch": 4, "nbs": 4, "peft.full_lr_mult": 1,
+                       "peft.loraplus_lr_ratio": 4})
     trainer = rec.trainer
     assert trainer.model.names == {0: "crop", 1: "weed"} and summary.adapter_name == "crops"
 
@@ -156,15 +157,18 @@ def test_crop_weed_fraction_with_field_augmentations(tmp_path, fresh_base):
     assert_base_unchanged(trainer.ema.ema, fresh_base)
     assert summary.map50 is not None and (Path(summary.run_dir) / "weights" / "best.safetensors").is_file()
 
-    # peft.full_lr_mult=1: the class outputs (trained in full) at Ultralytics' own rate, the adapters at crops.yaml's x3
+    # full_lr_mult=1: the class outputs (trained in full) at Ultralytics' own rate; loraplus_lr_ratio=4: lora_B at
+    # 4x crops.yaml's x3, the rest of the adapters at x3
+    lr0 = trainer.args.lr0  # what optimizer=auto chose
+    names = {id(p): n for n, p in trainer.model.named_parameters()}
     in_full = {id(p) for w in trainer.model.modules() if isinstance(w, TrainableCopy) for p in w.parameters()}
-    rates = {}
+    seen = set()
     for g in trainer.optimizer.param_groups:
-        kinds = {id(p) in in_full for p in g["params"]}
-        assert len(kinds) == 1  # a group holds adapters or full-trained tensors, not both
-        rates.setdefault(g.get("param_group"), {})[kinds.pop()] = g["initial_lr"]
-    lr = rates["weight"][True]  # DoRA has no bias: every bias is a class output's
-    assert in_full and rates["weight"][False] == pytest.approx(3 * lr) and rates["bias"] == {True: lr}, rates
+        for p in g["params"]:
+            want = 1 if id(p) in in_full else 12 if ".lora_B." in names[id(p)] else 3
+            assert g["initial_lr"] == pytest.approx(want * lr0), names[id(p)]
+            seen.add(want)
+    assert seen == {1, 3, 12}
 
 
 def test_resume_continues_an_interrupted_run(tmp_path, fresh_base):

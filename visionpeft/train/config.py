@@ -70,7 +70,8 @@ class PeftSpec:
     BatchNorm a trainable copy (affine and running statistics) saved with the adapter.
     ``lr_mult`` scales the learning rate Ultralytics picks (adapters often want more than full fine-tuning).
     ``full_lr_mult`` scales it for what trains in full instead (re-initialised class outputs, BatchNorm copies);
-    ``None``: ``lr_mult`` as well.
+    ``None``: ``lr_mult`` as well. ``loraplus_lr_ratio`` (LoRA+, Hayou et al. 2024; Hugging Face peft's name):
+    LoRA/DoRA up-projections (``lora_B``) learn this many times faster than the rest of the adapter.
     ``keep_base``: the merged model keeps the base classes beside the new ones (base names first); the adapter
     trains as usual, and its lowest adapted layer (set with the methods' ``layers``) is where the merged model's
     branch leaves the base (:func:`visionpeft.inject.with_base`).
@@ -81,6 +82,7 @@ class PeftSpec:
     bn: str = "frozen"
     lr_mult: float = 1.0
     full_lr_mult: float | None = None
+    loraplus_lr_ratio: float = 1.0
     keep_base: bool = False
 
     def __post_init__(self) -> None:
@@ -88,7 +90,7 @@ class PeftSpec:
             raise ValueError(f"peft.adapter_name must be a non-empty name without dots, not {self.adapter_name!r}.")
         if self.bn not in {"frozen", "train"}:
             raise ValueError(f"peft.bn must be 'frozen' or 'train', not {self.bn!r}.")
-        for key in ("lr_mult", "full_lr_mult"):
+        for key in ("lr_mult", "full_lr_mult", "loraplus_lr_ratio"):
             value = getattr(self, key)
             if key == "full_lr_mult" and value is None:
                 continue

@@ -214,23 +214,30 @@ class PeftDetectionTrainer(TrainerHooks, DetectionTrainer):
         ddp.forget_ignored(unwrap_model(model))  # DDP (wrapped by now) keeps its own copy
         self.trainable = trainable_report(unwrap_model(model))
         optimizer = super().build_optimizer(model, name, lr, momentum, decay, iterations)
-        full_mult = self.peft.full_lr_mult
-        in_full = set() if full_mult is None else {id(p) for p in full_trained_parameters(unwrap_model(model))}
-        groups = []
+        mults = self.lr_multipliers(unwrap_model(model))
+        groups, sizes = [], {}
         for group in optimizer.param_groups:  # Ultralytics' groups (decayed weights, norm weights, biases), each
-            params = [p for p in group["params"] if p.requires_grad]  # split in adapters / trained in full
-            for mult, chosen in ((self.peft.lr_mult, [p for p in params if id(p) not in in_full]),
-                                 (full_mult, [p for p in params if id(p) in in_full])):
-                if chosen:
-                    groups.append({**group, "params": chosen, "lr": group["lr"] * mult})
+            params = [p for p in group["params"] if p.requires_grad]  # split by learning-rate multiplier
+            for mult in sorted({mults[id(p)] for p in params}):
+                chosen = [p for p in params if mults[id(p)] == mult]
+                groups.append({**group, "params": chosen, "lr": group["lr"] * mult})
+                sizes[mult] = sizes.get(mult, 0) + sum(p.numel() for p in chosen)
         optimizer.param_groups.clear()
         for group in groups:  # add_param_group keeps the optimizer's per-group defaults and checks for overlaps
             optimizer.add_param_group(group)
-        n = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
-        rates = f"lr x{self.peft.lr_mult:g}" + ("" if full_mult is None else
-                                                f", x{full_mult:g} for the {len(in_full)} tensors trained in full")
-        LOGGER.info(f"visionpeft: optimizer gets {n:,} trainable parameters ({rates})")
+        rates = ", ".join(f"x{m:g} for {n:,}" for m, n in sorted(sizes.items()))
+        LOGGER.info(f"visionpeft: optimizer gets {sum(sizes.values()):,} trainable parameters (lr {rates})")
         return optimizer
+
+    def lr_multipliers(self, model: nn.Module) -> dict[int, float]:
+        """``id(parameter)`` -> multiplier of Ultralytics' learning rate: ``lr_mult``, times ``loraplus_lr_ratio``
+        for LoRA/DoRA up-projections (``lora_B``, LoRA+), or ``full_lr_mult`` for what trains in full."""
+        spec = self.peft
+        mults = {id(p): spec.lr_mult * (spec.loraplus_lr_ratio if ".lora_B." in n else 1.0)
+                 for n, p in model.named_parameters() if p.requires_grad}
+        if spec.full_lr_mult is not None:
+            mults.update({id(p): spec.full_lr_mult for p in full_trained_parameters(model)})
+        return mults
 
     @property
     def accumulate(self) -> int:
