@@ -116,7 +116,8 @@ def float_nodes(model, keep_first_conv: bool = True, keep_output_convs: bool = T
     The tail is every node from which no weighted op (conv, matmul; the DFL projection does not count) can be
     reached: what runs after the head's last convolutions. Those output convs (box and class logits: six 1x1 convs
     in YOLO11n) feed only the tail; in int8 they round the logits that the decode turns into scores and box edges
-    (crops recipe, merged, 320 px: mAP50-95 drop 0.43 points with them in int8, 0.15 in float, on crop_weed val).
+    (320 px, mAP50-95 drop with them in int8 -> in float: crops recipe 0.43 -> 0.15 points on crop_weed val, plain
+    yolo11n 0.49 -> 0.65 on coco128).
     """
     graph = model.graph
     unnamed = [n for n in graph.node if not n.name]
