@@ -28,6 +28,7 @@ def adapter_files(tmp_path_factory) -> dict[str, Path]:
     """Two trained-looking adapters on yolo11n.pt: 'weeds' (2 new classes) and 'coco' (DoRA, the 80 classes)."""
     out = tmp_path_factory.mktemp("adapters")
     model = vp.load_base(BASE)
+    torch.manual_seed(0)  # LoRA A and the new class outputs start from torch's default init: the same every run
     vp.inject(model, vp.LoraConfig(r=4), adapter_name="weeds", names=["crop", "weed"])
     vp.inject(model, vp.DoraConfig(r=4, layers=[22, 23]), adapter_name="coco")
     randomize_adapters(model, std=0.2)
