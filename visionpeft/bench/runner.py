@@ -29,7 +29,8 @@ def load_bench_config(path: str | Path, overrides: dict | None = None) -> dict:
 
     ``base``: the training config every run starts from (model, data, augmentations, train args; its ``peft:``
     block is the shipped recipe). ``train``: train args for every run. ``runs``: name -> ``{kind, freeze, peft,
-    train}``. ``project``/``name``: the output folder. ``only``: comma-separated run names to do.
+    train, base}`` (a run's ``base`` replaces the benchmark's). ``project``/``name``: the output folder.
+    ``only``: comma-separated run names to do.
     Overrides: benchmark keys, else Ultralytics train keys (``epochs=30 fraction=0.1``).
     """
     from ..train.config import check_train_args, find_config
@@ -77,10 +78,11 @@ def training_config(base: str | Path, train_layers: Sequence[dict | None], out_d
 
 
 def run_config(cfg: dict, name: str, out_dir: Path) -> dict:
-    """The training config (a dict, as ``visionpeft.train`` takes it) of benchmark run ``name``."""
+    """The training config (a dict, as ``visionpeft.train`` takes it) of benchmark run ``name``; a run's own
+    ``base`` (e.g. another model family as a reference) replaces the benchmark's, the shared ``train`` args stay."""
     entry = cfg["runs"][name] or {}
-    return training_config(cfg.get("base", "crops.yaml"), [cfg.get("train"), entry.get("train")], out_dir, name,
-                           peft=entry.get("peft"))
+    return training_config(entry.get("base") or cfg.get("base", "crops.yaml"), [cfg.get("train"), entry.get("train")],
+                           out_dir, name, peft=entry.get("peft"))
 
 
 def run_spec(name: str, entry: dict | None, config: dict) -> dict:

@@ -17,10 +17,9 @@ import numpy as np
 
 
 def build_trainer(spec: dict):
-    """The trainer of a run: ``PeftDetectionTrainer`` for PEFT, Ultralytics' ``DetectionTrainer`` for baselines."""
-    from ultralytics.models.yolo.detect import DetectionTrainer
-
-    from ..datasets import resolve_dataset
+    """The trainer of a run: ``PeftDetectionTrainer`` for PEFT, Ultralytics' ``DetectionTrainer`` for baselines
+    (:class:`~visionpeft.train.baseline.BaselineDetectionTrainer`, which also builds ViT detectors)."""
+    from ..train.baseline import BaselineDetectionTrainer
     from ..train.config import load_config
     from ..train.trainer import PeftDetectionTrainer
 
@@ -31,9 +30,7 @@ def build_trainer(spec: dict):
         return PeftDetectionTrainer(overrides=overrides, peft=config.peft)
     if kind not in {"full", "freeze"}:
         raise ValueError(f"Unknown benchmark run kind '{kind}': use full, freeze or peft.")
-    run_dir = Path(config.train["project"]) / config.train["name"]
-    data = resolve_dataset(config.data, run_dir)  # ${assets} resolved, as visionpeft's trainer does
-    return DetectionTrainer(overrides={**overrides, "data": str(data), "freeze": spec.get("freeze")})
+    return BaselineDetectionTrainer(overrides={**overrides, "freeze": spec.get("freeze")})
 
 
 def run_one(spec: dict) -> dict:

@@ -17,6 +17,7 @@ from torch import nn
 
 from . import checks
 from .base import Adapter, AdapterConfig, full_precision
+from .lowrank_linear import fusable, lowrank_linear
 
 
 @dataclass
@@ -93,6 +94,8 @@ class LoraAdapter(Adapter):
         return compose_weight(self.lora_A, self.lora_B, base) * self.scaling
 
     def forward(self, base: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.dropout, nn.Identity) and fusable(base, x):  # one matmul, no full weight gradient
+            return lowrank_linear(x, base.weight, base.bias, self.lora_A.weight, self.lora_B.weight, self.scaling)
         with full_precision(x):
             delta = self.lora_B(self.lora_A(self.dropout(x.float()))) * self.scaling
         return base(x) + delta

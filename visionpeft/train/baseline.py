@@ -1,0 +1,38 @@
+"""``BaselineDetectionTrainer``: plain Ultralytics fine-tuning (every weight, or Ultralytics' ``freeze=``) of any
+detector visionpeft builds, ViT detectors (``vitdet:...``) included: the baselines PEFT runs are measured against.
+
+Training is Ultralytics' ``DetectionTrainer``'s. ``get_model`` builds a ViT detector spec through visionpeft (an
+Ultralytics ``DetectionModel`` could not parse it; model YAMLs and ``.pt`` files take Ultralytics' own path), and
+as in ``PeftDetectionTrainer`` datasets are found by name and nothing downloads (fonts, the AMP check).
+"""
+
+from __future__ import annotations
+
+from ultralytics.models.yolo.detect import DetectionTrainer
+from ultralytics.utils import RANK
+
+from ..datasets import resolve_dataset
+from ..fonts import ensure_fonts
+from ..integrations.ultralytics import TrainerHooks
+from ..models import build_detector
+from ..vitdet.model import is_vitdet
+from .offline import offline_amp_check
+
+
+class BaselineDetectionTrainer(TrainerHooks, DetectionTrainer):
+    def __init__(self, *args, **kwargs) -> None:
+        ensure_fonts()  # before get_dataset(), whose check_font would download Arial.ttf
+        super().__init__(*args, **kwargs)
+
+    def get_dataset(self) -> dict:
+        if self.args.data:  # datasets/ names and ${assets} paths, as PeftDetectionTrainer finds them
+            self.args.data = str(resolve_dataset(self.args.data, self.save_dir))
+        return super().get_dataset()
+
+    def get_model(self, cfg=None, weights=None, verbose: bool = True):
+        if weights is None and is_vitdet(cfg):  # a fresh ViT detector: pretrained ViT, new pyramid and head
+            return build_detector(cfg, nc=self.data["nc"], ch=self.data["channels"])
+        return super().get_model(cfg, weights, verbose and RANK == -1)
+
+    def setup_train_context(self):
+        return offline_amp_check()
