@@ -52,7 +52,24 @@ def test_benchmark_config_errors(tmp_path):
         load_bench_config("bench_smoke.yaml", {"only": "full,nope"})
 
 
-@pytest.mark.parametrize("name", ["bench_crops.yaml", "bench_crops_sweep.yaml", "bench_smoke.yaml"])
+def test_vit_benchmark_trains_the_vit_in_full_or_frozen_beside_another_family(tmp_path):
+    """Baselines of a ViT detector (plain Ultralytics training of a ``vitdet:`` model, all of it or with the ViT
+    frozen) and a run with its own ``base`` (a YOLO reference) in one table."""
+    bench = tmp_path / "vit.yaml"
+    bench.write_text("base: vit_smoke.yaml\ntrain: {epochs: 1, imgsz: 64, batch: 2, plots: false, seed: 0}\n"
+                     "runs:\n  full: {kind: full}\n  frozen_vit: {kind: freeze, freeze: 1}\n"
+                     "  yolo: {base: coco8_smoke.yaml}\n")
+    rows = {r["name"]: r for r in run_benchmark(load_bench_config(bench, {"project": str(tmp_path), "name": "v"}))}
+    full, frozen, yolo = rows["full"], rows["frozen_vit"], rows["yolo"]
+    vit = 5_524_416  # ViT-Ti/16 without its classifier, 64 px position grid (16 positions + class token)
+    assert full["trainable"] == full["total"] and full["total"] > vit
+    assert frozen["total"] == full["total"] and frozen["trainable"] < full["total"] - vit + 1000  # ViT frozen
+    assert yolo["kind"] == "peft" and yolo["total"] < 4_000_000  # yolo11n, not the ViT detector
+    assert "vitdet" in (tmp_path / "v" / "results.md").read_text()
+
+
+@pytest.mark.parametrize("name", ["bench_crops.yaml", "bench_crops_sweep.yaml", "bench_smoke.yaml",
+                                  "bench_vit_crops.yaml"])
 def test_shipped_benchmark_configs_are_valid(name, tmp_path):
     """Every run of the shipped benchmarks builds a valid training config (peft block, methods, train keys)."""
     cfg = load_bench_config(name)

@@ -297,3 +297,27 @@ def test_vit_crops_config_loads_the_shipped_pretrained_vit() -> None:
 def test_a_named_missing_vit_file_is_an_error_not_a_random_start() -> None:
     with pytest.raises(FileNotFoundError, match="no_such_vit.safetensors"):
         vp.load_base('vitdet:{"backbone": "vit_tiny_patch16_224", "pretrained": "no_such_vit.safetensors"}', nc=2)
+
+
+def test_export_merges_a_vit_adapter_with_no_extra_node_and_quantizes_the_transformer(vitdet, tmp_path):
+    """``export`` on a ViT detector adapter, its base rebuilt from the spec the file records: the merged ONNX has the
+    plain ViT detector's node count and its outputs (1e-4); INT8 runs the ViT's linears and attention products on
+    int8 inputs."""
+    import onnx
+
+    from visionpeft.export import export
+    from visionpeft.settings import datasets_dir
+
+    vp.inject(vitdet, [vp.LoraConfig(r=4)], adapter_name="a", names=["x", "y", "z"])
+    perturb_adapters(vitdet)
+    vp.save_adapter(vitdet, tmp_path / "a.safetensors")
+    result = export(adapter=tmp_path / "a.safetensors", quantize=8, imgsz=64, data=datasets_dir() / "coco8" /
+                    "data.yaml", calib=8, runs=0, check_names=False)
+    fp32 = result.report.exports["fp32"]
+    assert result.ok and fp32.extra_nodes == 0 and fp32.parity.max_rel <= 1e-4
+    graph = onnx.load(str(result.file)).graph
+    dequantized = {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear"}
+    products = [n for n in graph.node if n.op_type in ("Gemm", "MatMul") and "/blocks." in n.name]
+    linears = [n for n in products if any(f"/{k}/" in n.name for k in ("qkv", "proj", "fc1", "fc2"))]
+    assert len(linears) == 4 * 12 and len(products) == 6 * 12  # and q k^T, attention x v in each block
+    assert all(n.input[0] in dequantized and n.input[1] in dequantized for n in products)
