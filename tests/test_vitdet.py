@@ -302,7 +302,7 @@ def test_a_named_missing_vit_file_is_an_error_not_a_random_start() -> None:
 def test_export_merges_a_vit_adapter_with_no_extra_node_and_quantizes_the_transformer(vitdet, tmp_path):
     """``export`` on a ViT detector adapter, its base rebuilt from the spec the file records: the merged ONNX has the
     plain ViT detector's node count and its outputs (1e-4); INT8 runs the ViT's linears and attention products on
-    int8 inputs."""
+    int8 inputs, LayerNorms in float."""
     import onnx
 
     from visionpeft.export import export
@@ -321,3 +321,5 @@ def test_export_merges_a_vit_adapter_with_no_extra_node_and_quantizes_the_transf
     linears = [n for n in products if any(f"/{k}/" in n.name for k in ("qkv", "proj", "fc1", "fc2"))]
     assert len(linears) == 4 * 12 and len(products) == 6 * 12  # and q k^T, attention x v in each block
     assert all(n.input[0] in dequantized and n.input[1] in dequantized for n in products)
+    norms = [n for n in graph.node if n.op_type == "LayerNormalization"]  # outlier channels: float, as the adds
+    assert len(norms) == 2 * 12 + 1 and not any(n.input[0] in dequantized for n in norms)
