@@ -3,7 +3,7 @@ detector visionpeft builds, ViT detectors (``vitdet:...``) included: the baselin
 
 Training is Ultralytics' ``DetectionTrainer``'s. ``get_model`` builds a ViT detector spec through visionpeft (an
 Ultralytics ``DetectionModel`` could not parse it; model YAMLs and ``.pt`` files take Ultralytics' own path), and
-as in ``PeftDetectionTrainer`` datasets are found by name and nothing downloads (fonts, the AMP check).
+datasets are found by name and nothing downloads (fonts, the AMP check). ``PeftDetectionTrainer`` builds on it.
 """
 
 from __future__ import annotations

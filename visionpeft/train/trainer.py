@@ -19,8 +19,9 @@ AMP, progress bars, ``results.csv``). The overrides below handle what full fine-
   buffer, accumulated gradients, fp32 optimizer state) a resumed run continues exactly as if never stopped;
 * ``check_resume`` (where Ultralytics settles the args, before it writes to the run folder) locks the run folder
   for this run (:mod:`.runlock`) until ``train`` ends;
-* ``get_dataset`` finds data YAMLs in the repo's ``datasets/`` and resolves their ``${assets}`` paths;
-* nothing downloads: a local font stands in for ``Arial.ttf`` and the AMP check runs on the model being trained.
+* from ``BaselineDetectionTrainer`` (its base, also the benchmark's full fine-tuning): ``get_dataset`` finds data
+  YAMLs in the repo's ``datasets/`` and resolves their ``${assets}`` paths, and nothing downloads (a local font
+  stands in for ``Arial.ttf``; the AMP check runs on the model being trained).
 """
 
 from __future__ import annotations
@@ -33,13 +34,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from ultralytics.models.yolo.detect import DetectionTrainer
 from ultralytics.nn.tasks import DetectionModel
 from ultralytics.utils import DEFAULT_CFG, LOGGER, RANK
 from ultralytics.utils.torch_utils import unwrap_model
 
-from ..datasets import resolve_dataset
-from ..fonts import ensure_fonts
 from ..inject import (
     STATE_ATTR,
     fingerprint,
@@ -49,12 +47,11 @@ from ..inject import (
     set_adapter,
     trainable_report,
 )
-from ..integrations.ultralytics import TrainerHooks
 from ..io import AdapterFileError, load_adapter_tensors, read_adapter, save_adapter
 from ..models import build_detector, load_base
 from . import ddp, resume_state, runlock
+from .baseline import BaselineDetectionTrainer
 from .config import PeftSpec
-from .offline import offline_amp_check
 
 SPEC_KEY = "train"  # model.visionpeft[SPEC_KEY]: the PeftSpec a checkpoint was trained with (for resume)
 
@@ -67,7 +64,7 @@ def copy_base_tensors(dst: nn.Module, src: nn.Module) -> None:
             v.copy_(src_sd[k.replace(".base_layer.", ".")] if k not in src_sd else src_sd[k])
 
 
-class PeftDetectionTrainer(TrainerHooks, DetectionTrainer):
+class PeftDetectionTrainer(BaselineDetectionTrainer):
     """Ultralytics ``DetectionTrainer`` that trains the adapters of ``peft`` (a :class:`PeftSpec` or its dict).
 
     Without ``peft``, a model that already carries adapters (``Model.train(trainer=...)`` after
@@ -87,7 +84,6 @@ class PeftDetectionTrainer(TrainerHooks, DetectionTrainer):
         self._batch_i, self._last_opt_step = -1, -1  # batch index in the epoch; `ni` of the last optimizer step
         self._resume_streams: tuple[dict, dict] | None = None  # state file contents for the first resumed epoch
         self._resume_albumentations: list | None = None
-        ensure_fonts()  # before get_dataset(), whose check_font would download Arial.ttf
         try:
             super().__init__(cfg, overrides, _callbacks)
         except BaseException:
@@ -115,11 +111,6 @@ class PeftDetectionTrainer(TrainerHooks, DetectionTrainer):
             runlock.release(self.lock)
 
     # -- data --------------------------------------------------------------------------------------------------
-    def get_dataset(self) -> dict:
-        if self.args.data:
-            self.args.data = str(resolve_dataset(self.args.data, self.save_dir))
-        return super().get_dataset()
-
     def get_dataloader(self, dataset_path, batch_size=16, rank=0, mode="train"):
         loader = super().get_dataloader(dataset_path, batch_size, rank, mode)
         if mode == "train":
@@ -204,9 +195,6 @@ class PeftDetectionTrainer(TrainerHooks, DetectionTrainer):
             raise ValueError(f"The base weights at '{source}' changed since this run started (fingerprint "
                              f"{fingerprint(base)} != {model.visionpeft['fingerprint']}); cannot resume on them.")
         copy_base_tensors(model, base)
-
-    def setup_train_context(self):
-        return offline_amp_check()
 
     # -- optimisation ------------------------------------------------------------------------------------------
     def build_optimizer(self, model, name="auto", lr=0.001, momentum=0.9, decay=1e-5, iterations=1e5):
