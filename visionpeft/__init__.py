@@ -10,6 +10,7 @@ The pipeline API::
     vp.load_adapter(other_copy_of_base, "weeds.safetensors")  # checks the base fingerprint
     vp.set_adapter(model, "weeds")                             # switch adapters without reloading the base
     plain = vp.merge(model)                                    # a plain DetectionModel / timm model
+    plan = vp.plan_ranks(model, [{"method": "dora", "r": 8}], "5%", losses)  # ranks per layer from a budget
     yolo = vp.YOLO("yolo11n.pt", adapters=["weeds.safetensors"])  # Ultralytics predict/val/track/export
 """
 
@@ -27,6 +28,7 @@ else:
     from .integrations.ultralytics import check_version as _check_ultralytics
 
     _check_ultralytics()  # one clear error for an untested Ultralytics, before anything imports it
+    from .budget import RankPlan, plan_ranks
     from .inject import (
         base_state_dict,
         delete_adapter,
@@ -61,6 +63,7 @@ __all__ = [
     "DoraConfig",
     "LoraConfig",
     "NormStatsConfig",
+    "RankPlan",
     "TrainableConfig",
     "YOLO",
     "__version__",
@@ -74,6 +77,7 @@ __all__ = [
     "load_base",
     "merge",
     "peft_state",
+    "plan_ranks",
     "read_adapter",
     "save_adapter",
     "set_adapter",

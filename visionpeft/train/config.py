@@ -26,6 +26,7 @@ import yaml
 from torch import nn
 
 from .. import settings
+from ..budget import PLANNED_METHODS, RANK_PLANS, parse_budget
 from ..datasets import load_dataset
 from ..inject import inject
 from ..methods import LoraConfig, config_from_dict
@@ -75,6 +76,10 @@ class PeftSpec:
     ``keep_base``: the merged model keeps the base classes beside the new ones (base names first); the adapter
     trains as usual, and its lowest adapted layer (set with the methods' ``layers``) is where the merged model's
     branch leaves the base (:func:`visionpeft.inject.with_base`).
+    ``budget``: plan the LoRA/DoRA ranks per layer to fit ``"5%"`` of the task model's parameters or an adapter
+    file of ``"250KB"`` (:mod:`visionpeft.budget`); the methods' ranks become the planner's middle, a layer may get
+    up to twice as much or none. ``rank_plan``: ``gradient`` (rank where the first batches' weight gradients need
+    it) or ``uniform`` (the largest rank that fits everywhere).
     """
 
     adapter_name: str = "default"
@@ -84,6 +89,8 @@ class PeftSpec:
     full_lr_mult: float | None = None
     loraplus_lr_ratio: float = 1.0
     keep_base: bool = False
+    budget: str | None = None
+    rank_plan: str = "gradient"
 
     def __post_init__(self) -> None:
         if not isinstance(self.adapter_name, str) or not self.adapter_name or "." in self.adapter_name:
@@ -98,6 +105,13 @@ class PeftSpec:
                 raise ValueError(f"peft.{key} must be a positive number, not {value!r}.")
         if not isinstance(self.keep_base, bool):
             raise ValueError(f"peft.keep_base must be true or false, not {self.keep_base!r}.")
+        if self.budget is not None:
+            parse_budget(self.budget)
+            if not any(isinstance(m, dict) and m.get("method") in PLANNED_METHODS for m in self.methods or []):
+                raise ValueError(f"peft.budget plans the ranks of {'/'.join(PLANNED_METHODS)} adapters; add a lora or "
+                                 "dora method to peft.methods, or remove the budget.")
+        if self.rank_plan not in RANK_PLANS:
+            raise ValueError(f"peft.rank_plan must be one of {list(RANK_PLANS)}, not {self.rank_plan!r}.")
         if not isinstance(self.methods, list) or not self.methods:
             raise ValueError("peft.methods must be a non-empty list of method configs, e.g. "
                              "[{method: lora, r: 8, alpha: 16}].")
@@ -130,9 +144,10 @@ class PeftSpec:
             extra[0]["layers"] = sorted(set().union(*(config_from_dict(m).layers for m in self.methods)))
         return [*self.methods, *extra]
 
-    def inject(self, model: nn.Module, names) -> nn.Module:
-        """Add this spec's adapter to ``model`` for a dataset of class ``names``."""
-        return inject(model, self.configs(), adapter_name=self.adapter_name, names=names, keep_base=self.keep_base)
+    def inject(self, model: nn.Module, names, configs: list[dict] | None = None) -> nn.Module:
+        """Add this spec's adapter to ``model`` for a dataset of class ``names`` (``configs``: planned ones)."""
+        return inject(model, configs or self.configs(), adapter_name=self.adapter_name, names=names,
+                      keep_base=self.keep_base)
 
 
 @dataclass

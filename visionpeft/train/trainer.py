@@ -38,6 +38,7 @@ from ultralytics.nn.tasks import DetectionModel
 from ultralytics.utils import DEFAULT_CFG, LOGGER, RANK
 from ultralytics.utils.torch_utils import unwrap_model
 
+from ..budget import RankPlan, plan_ranks
 from ..inject import (
     STATE_ATTR,
     fingerprint,
@@ -52,6 +53,7 @@ from ..models import build_detector, load_base
 from . import ddp, resume_state, runlock
 from .baseline import BaselineDetectionTrainer
 from .config import PeftSpec
+from .rank_probe import probe_losses
 
 SPEC_KEY = "train"  # model.visionpeft[SPEC_KEY]: the PeftSpec a checkpoint was trained with (for resume)
 
@@ -157,7 +159,10 @@ class PeftDetectionTrainer(BaselineDetectionTrainer):
         else:
             base = (copy.deepcopy(weights).float() if weights is not None
                     else build_detector(cfg, nc=self.data["nc"], ch=self.data["channels"]))
-            model = self.peft.inject(base, self.data["names"])
+            plan = self._plan_ranks(base) if self.peft.budget is not None else None
+            model = self.peft.inject(base, self.data["names"], plan.configs if plan else None)
+            if plan is not None:  # adapter files record the budget; the ranks are in the configs' rank_pattern
+                model.visionpeft["adapters"][self.peft.adapter_name]["budget"] = plan.record()
             if str(self.args.model).endswith(".pt"):
                 model.visionpeft["base"] = str(Path(self.args.model).resolve())
         model.visionpeft[SPEC_KEY] = self.peft.to_dict()
@@ -168,6 +173,15 @@ class PeftDetectionTrainer(BaselineDetectionTrainer):
         for p in model.parameters():
             p.requires_grad_(True)
         return model
+
+    def _plan_ranks(self, base: nn.Module) -> RankPlan:
+        """Ranks per layer for ``peft.budget``, from the gradients of a few train batches (``rank_plan``)."""
+        spec = self.peft
+        losses = probe_losses(self) if spec.rank_plan == "gradient" else None
+        with torch.random.fork_rng():  # the probe leaves the run's random streams as they were
+            plan = plan_ranks(base, spec.configs(), spec.budget, losses, spec.rank_plan, self.data["names"])
+        LOGGER.info(f"visionpeft: {plan.summary()}")
+        return plan
 
     def _adopt_checkpoint_spec(self, state: dict) -> None:
         """On resume, the adapter recipe and LR multiplier are the checkpoint's, not whatever was passed now."""
