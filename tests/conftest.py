@@ -7,6 +7,7 @@ Models are tiny real networks: Ultralytics YAML builds and the COCO-pretrained c
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import tempfile
 from collections.abc import Callable
@@ -128,3 +129,21 @@ def randomize_adapters(model: nn.Module, std: float = 0.05, seed: int = 0) -> No
 def visionpeft_modules(model: nn.Module) -> list[str]:
     """Names of modules whose class comes from visionpeft (a merged model must have none)."""
     return [n for n, m in model.named_modules() if type(m).__module__.startswith("visionpeft")]
+
+
+class Messages(logging.Handler):
+    """Ultralytics' log records of ``level`` and above (its logger does not propagate to pytest's caplog)."""
+
+    def __init__(self, level: int = logging.WARNING) -> None:
+        super().__init__(level)
+        self.records: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record.getMessage())
+
+    def __enter__(self) -> Messages:
+        logging.getLogger("ultralytics").addHandler(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        logging.getLogger("ultralytics").removeHandler(self)

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import Messages
 from torch import nn
-from ultralytics.utils import LOGGER
 
 import visionpeft as vp
 from visionpeft.budget import parse_budget
@@ -86,29 +86,14 @@ def test_budget_below_the_fixed_cost_and_without_lora_fail_clearly():
     assert "\n" not in str(e.value)
 
 
-class Lines(logging.Handler):
-    """The messages of a logger (Ultralytics' LOGGER does not propagate to pytest's caplog)."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.INFO)
-        self.lines: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(record.getMessage())
-
-
 def test_training_with_a_budget_plans_prints_and_saves_the_ranks(tmp_path):
     """crops.yaml with ``peft.budget: 5%`` on 2 % of crop_weed: gradient-planned DoRA ranks, different per layer,
     the fp16 adapter file within 5 % of the task model's fp16 weights, the plan in the file's metadata."""
     fast = {"imgsz": 64, "batch": 4, "nbs": 4, "warmup_epochs": 0, "workers": 0, "plots": False, "epochs": 1,
             "fraction": 0.02, "exist_ok": True}
-    log = Lines()
-    LOGGER.addHandler(log)
-    try:
+    with Messages(logging.INFO) as log:
         summary = train("crops.yaml", project=str(tmp_path), name="budget", **fast, **{"peft.budget": "5%"})
-    finally:
-        LOGGER.removeHandler(log)
-    assert any("rank plan 'gradient' for budget 5%" in line for line in log.lines)
+    assert any("rank plan 'gradient' for budget 5%" in line for line in log.records)
 
     path = Path(summary.run_dir) / "weights" / "best.safetensors"
     tensors, meta = read_adapter(path)

@@ -5,7 +5,6 @@ and one live run holds a run folder at a time."""
 from __future__ import annotations
 
 import json
-import logging
 import os
 import signal
 import socket
@@ -18,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import Messages
 
 from visionpeft.io import read_adapter
 from visionpeft.train import load_config, train
@@ -42,24 +42,6 @@ KILL_AFTER_FIRST_EPOCH = textwrap.dedent("""
 
     train("crops.yaml", callbacks={"on_model_save": kill}, **json.loads(sys.argv[1]))
 """)
-
-
-class Messages(logging.Handler):
-    """Ultralytics' log records (its logger does not propagate to pytest's caplog)."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.records: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record.getMessage())
-
-    def __enter__(self) -> Messages:
-        logging.getLogger("ultralytics").addHandler(self)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        logging.getLogger("ultralytics").removeHandler(self)
 
 
 def rows(run: Path) -> list[list[str]]:

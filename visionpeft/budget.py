@@ -193,6 +193,9 @@ def plan_ranks(
         for name, lay in layers.items():
             base = probe.get_submodule(name).base_layer
             lay.gains = _group_svdvals(grads[name], getattr(base, "groups", 1))[: lay.cap].tolist()
+        top = max((g for lay in layers.values() for g in lay.gains), default=0.0)
+        for lay in layers.values():  # units worth nothing (a gradient of lower rank, or none) are not bought
+            lay.gains = [g for g in lay.gains if g > 1e-6 * top]
     room = limit - fixed
     for _ in range(4):  # the plan's own metadata (rank_pattern) lengthens the header: shrink until the file fits
         ranks = _greedy(layers, room) if mode == "gradient" else _uniform(layers, room, budget, fixed)
@@ -207,11 +210,7 @@ def plan_ranks(
 
 
 def _greedy(layers: dict[str, _Layer], room: int) -> dict[str, int]:
-    """Rank units by value per parameter, each layer's in order, while they fit in ``room`` parameters. Units worth
-    nothing (a gradient of lower rank, or none) are not bought: the budget is a ceiling, not a target."""
-    top = max((g for lay in layers.values() for g in lay.gains), default=0.0)
-    for lay in layers.values():
-        lay.gains = [g for g in lay.gains if g > 1e-6 * top]
+    """Rank units by value per parameter, each layer's in order, while they fit in ``room`` parameters."""
     ranks = dict.fromkeys(layers, 0)
     heap = [(-lay.gains[0] / (lay.first_cost + lay.unit_cost), name) for name, lay in layers.items() if lay.gains]
     heapq.heapify(heap)
