@@ -127,6 +127,30 @@ def test_adapter_trained_and_file_reproduces_the_ema(coco8_run, images):
         torch.testing.assert_close(loaded(images)[0], ema(images)[0], rtol=1e-4, atol=1e-4)
 
 
+def test_channels_last_on_cpu_trains_nhwc_and_saves_plain_files(tmp_path, images, fresh_base):
+    """``channels_last=True`` on the CPU, which Ultralytics ignores with a warning: the model (adapters included) and
+    its EMA train in NHWC, no warning, the flag stays recorded, and the adapter file reproduces the EMA."""
+    from conftest import Messages
+
+    rec = Recorder()
+    with Messages() as log:
+        summary = train("coco8_smoke.yaml", callbacks=rec.callbacks(), project=str(tmp_path), name="nhwc",
+                        channels_last=True, **{**FAST, "epochs": 1})
+    assert not [m for m in log.records if "channels_last" in m], log.records
+    trainer = rec.trainer
+    assert trainer.args.channels_last is True
+    for model in (trainer.model, trainer.ema.ema):
+        convs = [m.weight for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.weight.shape[-1] > 1]
+        assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+    lora_a = [p for n, p in trainer.model.named_parameters() if n.endswith("lora_A.weight") and p.shape[-1] > 1]
+    assert lora_a and all(p.is_contiguous(memory_format=torch.channels_last) for p in lora_a)
+    assert_base_unchanged(trainer.ema.ema, fresh_base)
+    loaded = vp.load_adapter(vp.load_base(BASE), Path(summary.run_dir) / "weights" / "last.safetensors").eval()
+    ema = copy.deepcopy(trainer.ema.ema).float().cpu().eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(images)[0], ema(images)[0], rtol=1e-4, atol=1e-4)
+
+
 def test_crop_weed_fraction_with_field_augmentations(tmp_path, fresh_base):
     """The reference config on 2% of crop_weed: new class head, and its albumentations in Ultralytics' pipeline."""
     from ultralytics.data.augment import Albumentations

@@ -251,10 +251,28 @@ class TrainerHooks:
     def on_nan_recovered(self) -> None:
         """After ``_handle_nan_recovery`` reloaded the model from ``last.pt``."""
 
-    # Mirrors the call in ultralytics.engine.trainer.BaseTrainer._do_train
+    def on_model_setup(self) -> None:
+        """After ``setup_model`` built ``self.model``, before ``_setup_train`` makes its EMA and optimizer."""
+
+    # Mirrors the call in ultralytics.engine.trainer.BaseTrainer._do_train. Its channels_last step converts the model
+    # on CUDA only and warns "ignoring" on CPU: on CPU the trainer converts it itself (cpu_channels_last, in
+    # setup_model), so the flag is hidden from that step meanwhile.
     def _setup_train(self) -> None:
-        with self.setup_train_context():
-            super()._setup_train()
+        self.cpu_channels_last = self.args.channels_last is True and self.device.type == "cpu"
+        if self.cpu_channels_last:
+            self.args.channels_last = None
+        try:
+            with self.setup_train_context():
+                super()._setup_train()
+        finally:
+            if self.cpu_channels_last:
+                self.args.channels_last = True
+
+    # BaseTrainer.setup_model (public): called first thing in _setup_train
+    def setup_model(self) -> Any:
+        ckpt = super().setup_model()
+        self.on_model_setup()
+        return ckpt
 
     # Called by BaseTrainer._do_train at epoch `epochs - close_mosaic`; on resume, at the first epoch past it
     def _close_dataloader_mosaic(self) -> None:

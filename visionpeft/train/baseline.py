@@ -3,11 +3,14 @@ detector visionpeft builds, ViT detectors (``vitdet:...``) included: the baselin
 
 Training is Ultralytics' ``DetectionTrainer``'s. ``get_model`` builds a ViT detector spec through visionpeft (an
 Ultralytics ``DetectionModel`` could not parse it; model YAMLs and ``.pt`` files take Ultralytics' own path), and
-datasets are found by name and nothing downloads (fonts, the AMP check). ``PeftDetectionTrainer`` builds on it.
+datasets are found by name and nothing downloads (fonts, the AMP check). ``channels_last=True`` is honoured on the
+CPU too (Ultralytics ignores it there): ~15 % less training time on a 2-core Xeon (README, Benchmark).
+``PeftDetectionTrainer`` builds on it.
 """
 
 from __future__ import annotations
 
+import torch
 from ultralytics.models.yolo.detect import DetectionTrainer
 from ultralytics.utils import RANK
 
@@ -33,6 +36,11 @@ class BaselineDetectionTrainer(TrainerHooks, DetectionTrainer):
         if weights is None and is_vitdet(cfg):  # a fresh ViT detector: pretrained ViT, new pyramid and head
             return build_detector(cfg, nc=self.data["nc"], ch=self.data["channels"])
         return super().get_model(cfg, weights, verbose and RANK == -1)
+
+    def on_model_setup(self) -> None:
+        # NHWC convs run faster on this x86 CPU (oneDNN); a PEFT model has its adapters by now, so they convert too
+        if getattr(self, "cpu_channels_last", False):
+            self.model = self.model.to(memory_format=torch.channels_last)
 
     def setup_train_context(self):
         return offline_amp_check()

@@ -132,6 +132,7 @@ class PeftDetectionTrainer(BaselineDetectionTrainer):
             weights = load_base(self.model)
             self.model = self.get_model(cfg=weights.yaml, weights=weights, verbose=RANK in {-1, 0})
             ckpt = None
+            self.on_model_setup()  # as TrainerHooks.setup_model does after Ultralytics' setup_model
         if RANK != -1:  # a DDP worker: Ultralytics' _setup_train wraps the model next
             ddp.ignore_frozen(self.model)
         return ckpt
