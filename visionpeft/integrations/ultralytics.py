@@ -238,6 +238,9 @@ class TrainerHooks:
     """Mixin for ``DetectionTrainer``: the private steps of ``BaseTrainer._do_train`` (8.4) visionpeft extends, as
     public hooks. Put it before the trainer class in the bases."""
 
+    #: ``channels_last=True`` on a CPU device, which Ultralytics ignores: ``on_model_setup`` converts the model then
+    cpu_channels_last: bool = False
+
     def setup_train_context(self) -> contextlib.AbstractContextManager:
         """A context around ``_setup_train`` (model to device, AMP check, data loaders, optimizer)."""
         return contextlib.nullcontext()

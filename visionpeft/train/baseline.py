@@ -39,7 +39,7 @@ class BaselineDetectionTrainer(TrainerHooks, DetectionTrainer):
 
     def on_model_setup(self) -> None:
         # NHWC convs run faster on this x86 CPU (oneDNN); a PEFT model has its adapters by now, so they convert too
-        if getattr(self, "cpu_channels_last", False):
+        if self.cpu_channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
 
     def setup_train_context(self):
