@@ -4,7 +4,7 @@ detector visionpeft builds, ViT detectors (``vitdet:...``) included: the baselin
 Training is Ultralytics' ``DetectionTrainer``'s. ``get_model`` builds a ViT detector spec through visionpeft (an
 Ultralytics ``DetectionModel`` could not parse it; model YAMLs and ``.pt`` files take Ultralytics' own path), and
 datasets are found by name and nothing downloads (fonts, the AMP check). ``channels_last=True`` is honoured on the
-CPU too (Ultralytics ignores it there): ~15 % less training time on a 2-core Xeon (README, Benchmark).
+CPU too (Ultralytics ignores it there): 17-21 % less time per epoch on a 2-core Xeon (README, Benchmark).
 ``PeftDetectionTrainer`` builds on it.
 """
 
