@@ -13,7 +13,8 @@ of a table is timed in turn, so load shifts all alike, but threads compete with 
 - formats: OpenVINO FP32 / INT8 (NNCF) and NCNN FP32 of the merged adapter through the Ultralytics exporter:
   size, parity to the unmerged model, latency, mAP50-95 (``--val``) against the merged PyTorch model.
 - int8: visionpeft's INT8 ONNX and Ultralytics' (``quantize=8``), both calibrated on the same number of *train*
-  images, on the merged adapter (its dataset) and on the plain base (``--base-data``, default coco128).
+  images, on the merged adapter (its dataset), on the adapters of ``--int8-runs`` and on the plain base
+  (``--base-data``, default coco128); with several models, a mean row per file kind.
 """
 
 from __future__ import annotations
@@ -49,6 +50,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--imgsz", type=int, help="image size (default: the run's)")
     p.add_argument("--data", help="the adapter's dataset (default: the run's)")
     p.add_argument("--base-data", default="coco128", help="dataset for the plain base's INT8 rows (default coco128)")
+    p.add_argument("--int8-runs", nargs="*", default=[], metavar="RUN",
+                   help="more training runs whose merged adapters get INT8 rows too (each on its own dataset): an "
+                        "mAP drop of a few tenths is quantization luck on one model, a mean over models is not")
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="onnxruntime/OpenVINO/NCNN threads")
     p.add_argument("--runs", type=int, default=50, help="timed runs per file (median)")
     p.add_argument("--calib", type=int, default=128, help="INT8 calibration images (train split)")
@@ -284,6 +288,22 @@ def bench_int8(label: str, model, data: Path, imgsz: int, threads: list[int], ru
     return rows
 
 
+def int8_means(rows: list[dict]) -> list[dict]:
+    """One row per file kind with the mean over the models benchmarked (latency ratios, mAP drop), when > 1 model."""
+    models = {r["model"] for r in rows}
+    if len(models) < 2:
+        return []
+    means = []
+    for kind in dict.fromkeys(r["file"] for r in rows):
+        same = [r for r in rows if r["file"] == kind]
+        row = {"model": f"mean of {len(same)} models", "file": kind}
+        for key in [k for k in same[0] if k.startswith("x_fp32_") or k in ("size_mb", "map_drop_points")]:
+            values = [r[key] for r in same if r.get(key) is not None]
+            row[key] = float(np.mean(values)) if len(values) == len(same) else None
+        means.append(row)
+    return means
+
+
 # ----------------------------------------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
@@ -334,9 +354,17 @@ def main(argv: list[str] | None = None) -> int:
             load_adapter(adapted, adapter)
             rows = bench_int8("adapter (merged)", merge(adapted), data, imgsz, args.threads, args.runs, args.calib,
                               args.val, work / "int8")
+            for i, extra in enumerate(args.int8_runs):
+                extra_base, extra_adapter, extra_args, _ = resolve_inputs(None, None, extra)
+                model = load_base(extra_base)
+                load_adapter(model, extra_adapter)
+                extra_data = resolve_dataset(extra_args.get("data"), work / f"int8_data{i}")
+                rows += bench_int8(f"adapter: {Path(str(extra_args.get('data'))).stem}", merge(model), extra_data,
+                                   imgsz, args.threads, args.runs, args.calib, args.val, work / f"int8_{i}")
             base_data = resolve_dataset(args.base_data, work / "base_data")
             rows += bench_int8("plain base", load_base(base), base_data, imgsz, args.threads, args.runs, args.calib,
                                args.val, work / "int8")
+            rows += int8_means(rows)
             write_csv(out / "int8.csv", rows)
             cols = {"model": "model", "file": "file", "MB": "size_mb"}
             for t in args.threads:
