@@ -16,7 +16,8 @@ graph takes the softmax over axis 1 of a ``(1, 16, 4, anchors)`` tensor and proj
 runs a softmax over a non-last axis as transpose + softmax + transpose, and the conv through NCHWc reorders. Taking
 the softmax over the last axis and projecting with a ``(16, 1)`` MatMul gives bit-identical outputs at ~10 % less
 time for the whole model on 2 CPU threads (measured in ``scripts/bench_edge.py``); it runs in float like the rest of
-the decode.
+the decode. Nearest upsampling becomes block copies (``upsample_as_concat``), and after quantizing, each Concat's
+inputs take its output's scale (``share_concat_params``), so that onnxruntime copies them instead of requantizing.
 """
 
 from __future__ import annotations
@@ -220,8 +221,8 @@ def share_concat_params(model, max_ratio: float = float("inf")) -> int:
     them (each input loses at most the resolution the wider range costs). Tensors tied through several Concats (or a
     Split, whose outputs share its input's parameters by name) form one group with the union range. Biases of int32
     QDQ layers reading a changed tensor are requantized, since their scale must stay input scale x weight scale.
-    YOLO11n crops adapter, 320 px: 2-thread INT8 latency 0.73x -> 0.62x FP32, mAP50-95 0.5236 -> 0.5270 (FP32
-    0.5251); ``scripts/bench_edge.py --parts int8`` has the measured rows.
+    YOLO11n, 320 px, with :func:`upsample_as_concat`: 2-thread INT8 latency 0.71-0.73x -> 0.64-0.68x FP32 on five
+    models, mean mAP50-95 drop 0.42 points (``scripts/bench_edge.py --parts int8``; README "On the device").
     """
     from onnx import numpy_helper
 
