@@ -113,6 +113,27 @@ def test_base_classes_are_the_base_model_and_new_ones_the_adapter(base, real_ima
     assert torch.equal(merged.loss(batch)[0], branch.loss(batch)[0])
 
 
+def test_single_path_is_the_adapter_plus_the_base_class_outputs_on_its_features(base, real_images):
+    from visionpeft.families.yolo_keep import single_path_model
+
+    model = base("yolo11n.pt")
+    vp.inject(model, vp.DoraConfig(r=4, alpha=8), adapter_name="plain", names=NAMES)  # every conv, one path
+    y_base = decoded(base("yolo11n.pt"), real_images)
+    at_init = single_path_model(base("yolo11n.pt"), vp.merge(model))  # DoRA at init: the base's own layers
+    assert at_init.names == {**base("yolo11n.pt").names, 80: "crop", 81: "weed"} and at_init.model[-1].nc == 82
+    assert max_rel_diff([decoded(at_init, real_images)[:, :84]], [y_base]) < 1e-5
+    randomize_adapters(model, seed=1)
+    merged = vp.merge(model)
+    y, y_new = decoded(single_path_model(base("yolo11n.pt"), merged), real_images), decoded(merged, real_images)
+    assert y.shape == (len(real_images), 4 + 82, y_base.shape[2])  # one set of anchors: the trunk runs once
+    assert max_rel_diff([y[:, :4], y[:, 84:]], [y_new[:, :4], y_new[:, 4:]]) < 1e-5  # boxes, new classes: the adapter's
+    assert max_rel_diff([y[:, 4:84]], [y_base[:, 4:]]) > 1e-3  # base classes: the base's convs on adapted features
+    clash = base("yolo11n.pt")
+    vp.inject(clash, vp.DoraConfig(r=4), names=["crop", "person"])
+    with pytest.raises(ValueError, match="'person' is already base class 0"):
+        single_path_model(base("yolo11n.pt"), vp.merge(clash))
+
+
 def test_adapter_file_round_trip_switching_and_the_untouched_base(base, real_images, tmp_path):
     model = keep_model(base)
     vp.inject(model, vp.LoraConfig(r=4), adapter_name="plain", names=NAMES)  # an ordinary adapter beside it
@@ -218,10 +239,11 @@ def test_keep_base_benchmark_at_a_tiny_budget(tiny_crops, tmp_path):
         f"train: {json.dumps({**FAST, 'seed': 0})}\n"
         "runs:\n  recipe: {peft: {methods: [{method: dora, r: 4, alpha: 8}]}}\n"
         "  keep_l0: {from: recipe, keep_base: true}\n"
+        "  single: {from: recipe, keep_base: single}\n"
         "  keep_l16: {peft: {keep_base: true, methods: [{method: dora, r: 4, alpha: 8, layers: 16-23}]}}\n")
     results = run_keep_benchmark(load_keep_config(cfg_file, {"project": str(tmp_path), "name": "kb"}))
     out = tmp_path / "kb"
-    assert list(results) == ["base", "recipe", "keep_l0", "keep_l16"]
+    assert list(results) == ["base", "recipe", "keep_l0", "single", "keep_l16"]
     for name in ("results.json", "results.csv", "results.md", "keep_base.png"):
         assert (out / name).stat().st_size > 0, name
     base, recipe, l0, l16 = (results[k] for k in ("base", "recipe", "keep_l0", "keep_l16"))
@@ -233,6 +255,12 @@ def test_keep_base_benchmark_at_a_tiny_budget(tiny_crops, tmp_path):
         assert keep["base_map50_95_onnx"] == pytest.approx(base["base_map50_95"], abs=0.01)
     assert l0["new_map50_95"] == pytest.approx(recipe["new_map50_95"], abs=0.01)  # the same adapter's new classes
     assert l0["onnx_mb"] > l16["onnx_mb"] > base["onnx_mb"]
+    single = results["single"]  # one path: the recipe's new classes, the base's class outputs on its features
+    assert single["new_map50_95"] == pytest.approx(recipe["new_map50_95"], abs=0.01) and single["layer"] is None
+    assert single["base_map50_95"] > 0 and single["onnx_mb"] == pytest.approx(base["onnx_mb"], rel=0.02)
+    assert single["training"] == recipe["training"]
+    with pytest.raises(ValueError, match="keep_base is true, false or 'single'"):
+        load_keep_config(cfg_file, {"runs": {"r": {}, "s": {"keep_base": "single"}}})
     assert "| keep_l16 | keep_base | 16 |" in (out / "results.md").read_text()
 
     # resumes: finished runs are kept

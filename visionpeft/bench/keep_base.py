@@ -4,8 +4,10 @@ Each run trains as in the main benchmark (one worker process; :mod:`.runner`), t
 here: new-class mAP50-95 on the training dataset's val split, base-class mAP50-95 on ``base_data``'s val split
 (PyTorch and ONNX), ONNX size and onnxruntime CPU latency against the plain base's ONNX (timed in turn, 1 thread).
 A ``from: <run>`` entry trains nothing and measures that run's adapter in keep-base mode (``from: recipe`` with
-``keep_base: true`` is the recipe at L = 0: two whole networks). Plain adapters and full fine-tuning replace the
-base's class outputs: their base-class mAP is 0 by construction. The untouched base is the reference row.
+``keep_base: true`` is the recipe at L = 0: two whole networks; with ``keep_base: single``, one path: the adapted
+layers feed the base's class outputs too, what a single path gives before any distillation). Plain adapters and
+full fine-tuning replace the base's class outputs: their base-class mAP is 0 by construction. The untouched base is
+the reference row.
 Results are saved after each run (``results.json``: the same command resumes); reports: :mod:`.keep_base_report`.
 """
 
@@ -24,6 +26,7 @@ from .runner import eta_text, launch, run_spec, training_config
 BENCH_KEYS = ["base", "data", "base_data", "train", "runs", "project", "name", "only", "latency_runs"]
 RUN_KEYS = ["kind", "freeze", "peft", "train", "from", "keep_base"]
 BASE_ROW = "base"
+SINGLE = "single"  # keep_base: single, with from: <plain run>: one path, the base's class outputs beside the adapter's
 
 
 def load_keep_config(path: str | Path, overrides: dict | None = None) -> dict:
@@ -48,6 +51,10 @@ def load_keep_config(path: str | Path, overrides: dict | None = None) -> dict:
             raise ValueError(f"Unknown key(s) {bad} in run '{name}'. Valid keys: {RUN_KEYS}.")
         if "from" in entry and entry["from"] not in list(runs)[:list(runs).index(name)]:
             raise ValueError(f"Run '{name}': from: {entry['from']!r} must name a run listed before it.")
+        if entry.get("keep_base") not in (None, True, False, SINGLE) or (
+                entry.get("keep_base") == SINGLE and ("from" not in entry or keeps_base(runs[entry["from"]]))):
+            raise ValueError(f"Run '{name}': keep_base is true, false or '{SINGLE}' (with from: <a run without "
+                             f"keep_base>, whose adapter it measures in one path), not {entry.get('keep_base')!r}.")
     if cfg.get("only"):
         keep = [n.strip() for n in str(cfg["only"]).split(",")]
         missing = sorted(set(keep) - set(runs))
@@ -58,8 +65,10 @@ def load_keep_config(path: str | Path, overrides: dict | None = None) -> dict:
     return cfg
 
 
-def keeps_base(entry: dict) -> bool:
-    return bool(entry.get("keep_base", (entry.get("peft") or {}).get("keep_base", False)))
+def keeps_base(entry: dict) -> bool | str:
+    """True (a branch), ``"single"`` (one path: the adapter's layers with the base's class outputs) or False."""
+    mode = entry.get("keep_base", (entry.get("peft") or {}).get("keep_base", False))
+    return mode if mode == SINGLE else bool(mode)
 
 
 def _config(cfg: dict, name: str, out_dir: Path) -> dict:
@@ -68,14 +77,19 @@ def _config(cfg: dict, name: str, out_dir: Path) -> dict:
                            data=cfg.get("data"), peft=entry.get("peft"))
 
 
-def _model(run_dir: Path, kind: str, base: str, keep: bool):
+def _model(run_dir: Path, kind: str, base: str, keep: bool | str):
     """The merged model a run deploys: its best adapter merged into the base (with the base beside it if
-    ``keep``), or the fine-tuned checkpoint."""
+    ``keep``; the base's class outputs on the adapted path if ``keep`` is ``"single"``), or the fine-tuned
+    checkpoint."""
     import visionpeft as vp
 
     if kind != "peft":
         return vp.load_base(run_dir / "weights" / "best.pt")
-    model = vp.load_adapter(vp.load_base(base), run_dir / "weights" / "best.safetensors", keep_base=keep)
+    model = vp.load_adapter(vp.load_base(base), run_dir / "weights" / "best.safetensors", keep_base=keep is True)
+    if keep == SINGLE:
+        from ..families.yolo_keep import single_path_model
+
+        return single_path_model(vp.load_base(base), vp.merge(model))
     return vp.merge(model)
 
 

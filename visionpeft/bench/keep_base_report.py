@@ -23,7 +23,7 @@ def rows(results: dict[str, dict]) -> list[dict]:
     for r in results.values():
         t = r.get("training", {})
         row = {k: r.get(k) for k in COLUMNS}
-        row["kind"] = "keep_base" if r.get("keep_base") else r["kind"]
+        row["kind"] = {True: "keep_base", "single": "single path"}.get(r.get("keep_base"), r["kind"])
         row["new_vs_recipe"] = r["new_map50_95"] / recipe if recipe else math.nan
         row["base_drop_points"] = 100 * (base.get("base_map50_95", math.nan) - r["base_map50_95"])
         row["adapter_kb"] = t.get("task_file_kb") if r["kind"] == "peft" else None

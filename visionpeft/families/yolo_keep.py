@@ -165,3 +165,29 @@ def keep_base_model(base: DetectionModel, branch: DetectionModel, start: int) ->
     model.__dict__.pop("visionpeft", None)
     forget_checkpoint_path(model)
     return model
+
+
+def single_path_model(base: DetectionModel, adapted: DetectionModel) -> DetectionModel:
+    """``adapted`` (a merged plain adapter) with the base's class outputs beside its own, in one path: the
+    alternative to a branch that runs the shared trunk once, before any distillation. The new classes are the
+    adapter's outputs exactly; the base classes are the base's class convs on the *adapted* features, so they
+    show what adapting every layer costs the base classes (the keep-base benchmark's ``keep_base: single`` row).
+    Inputs are copied; ``names`` are the base's followed by the adapter's.
+    """
+    check_keep_base(base, base.names, adapted.names)
+    model = copy.deepcopy(adapted)
+    head, base_head = model.model[-1], base.model[-1]
+    for branch, base_branch in zip(head.cv3, base_head.cv3, strict=True):
+        new, old = branch[-1], base_branch[-1]  # the 1x1 class-output convs (nc output channels)
+        joined = nn.Conv2d(old.in_channels, old.out_channels + new.out_channels, 1)
+        with torch.no_grad():
+            joined.weight.copy_(torch.cat((old.weight, new.weight)))
+            joined.bias.copy_(torch.cat((old.bias, new.bias)))
+        branch[-1] = joined
+    head.nc = base_head.nc + head.nc
+    head.no = head.nc + 4 * head.reg_max
+    model.names = {i: n for i, n in enumerate([*base.names.values(), *adapted.names.values()])}
+    model.yaml = {**model.yaml, "nc": head.nc}
+    model.__dict__.pop("visionpeft", None)
+    forget_checkpoint_path(model)
+    return model
