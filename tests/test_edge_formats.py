@@ -17,8 +17,9 @@ from test_edge_patch import IMGSZ, NAMES, make_adapter
 import visionpeft as vp
 from visionpeft.export import export
 from visionpeft.export.images import letterbox, sample_images, split_images
+from visionpeft.export.int8_graph import float_nodes, last_axis_dfl, upsample_as_concat
 from visionpeft.export.onnx import export_onnx
-from visionpeft.export.quantize import float_nodes, last_axis_dfl, to_int8, upsample_as_concat
+from visionpeft.export.quantize import to_int8
 from visionpeft.export.verify import onnx_outputs
 
 EDGE = all(importlib.util.find_spec(m) for m in ("openvino", "nncf", "ncnn", "pnnx"))

@@ -7,10 +7,11 @@
 
 from __future__ import annotations
 
+from .int8_graph import float_nodes
 from .onnx import base_export, export_onnx, read_metadata
 from .options import PRECISIONS, ExportOptions
 from .pipeline import export
-from .quantize import float_nodes, to_fp16, to_int8
+from .quantize import to_fp16, to_int8
 from .report import ExportReport, ExportResult
 
 __all__ = ["PRECISIONS", "ExportOptions", "ExportReport", "ExportResult", "base_export", "export", "export_onnx",
