@@ -158,6 +158,7 @@ def test_adapter_file_round_trip_switching_and_the_untouched_base(base, real_ima
 def keep_export(tmp_path_factory, tiny_crops):
     folder = tmp_path_factory.mktemp("keep_export")
     model = vp.load_base("yolo11n.pt")
+    torch.manual_seed(0)  # the adapters' initial A: the same whatever tests ran before (predictions below depend on it)
     vp.inject(model, vp.DoraConfig(r=4, layers="16-23"), adapter_name="crops_keep", names=NAMES, keep_base=True)
     randomize_adapters(model)
     model.visionpeft["base"] = str(resolve_weights("yolo11n.pt"))  # as the trainer records it
@@ -204,7 +205,7 @@ def test_visionpeft_yolo_predicts_and_validates_every_class(keep_export, tiny_cr
     assert len(model.names) == 82 and model.names[81] == "weed"
     image = datasets_dir() / "crop_weed" / "valid" / "images"
     boxes = model.predict(sorted(image.glob("*.jpg"))[0], imgsz=IMGSZ, conf=0.01, verbose=False)[0].boxes
-    assert boxes.cls.max() < 82
+    assert len(boxes) and boxes.cls.max() < 82
     args = {"imgsz": IMGSZ, "batch": 2, "workers": 0, "plots": False, "verbose": False, "project": str(tmp_path)}
     new = model.val(data=tiny_crops, name="new", **args)  # crop, weed relabelled 80, 81 for the 82-class model
     branch = vp.YOLO(merge_(copy.deepcopy(adapted))).val(data=tiny_crops, name="branch", **args)  # 2 classes
