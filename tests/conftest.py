@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import os
 import tempfile
 from collections.abc import Callable
@@ -114,7 +115,8 @@ def max_rel_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
 
 
 def randomize_adapters(model: nn.Module, std: float = 0.05, seed: int = 0) -> None:
-    """Give every adapter of the model non-zero tensors (LoRA ``B`` and bottleneck ``up`` start at zero)."""
+    """Give every adapter of the model non-zero tensors (LoRA ``B``, bottleneck ``up`` and new class outputs start
+    at zero), as training would."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for _, wrapper in adapted_modules(model):
@@ -122,6 +124,8 @@ def randomize_adapters(model: nn.Module, std: float = 0.05, seed: int = 0) -> No
                 for name, p in adapter.named_parameters():
                     if name.endswith(("lora_B.weight", "up.weight", "up.bias")):
                         p.copy_(torch.randn(p.shape, generator=g) * std)
+                    elif name == "module.weight" and not p.any():  # a new class output: PyTorch's conv init
+                        nn.init.kaiming_uniform_(p, a=math.sqrt(5), generator=g)
                     elif name == "magnitude":  # DoRA: move the magnitudes off the base norms too
                         p.mul_(1 + 0.1 * torch.randn(p.shape, generator=g))
 

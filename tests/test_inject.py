@@ -178,6 +178,7 @@ def test_new_class_names_reinitialise_class_outputs_only(base):
         new = adapter_of(model, name)
         assert isinstance(new, TrainableCopy) and new.module.out_channels == 2
         torch.testing.assert_close(new.module.bias, torch.full((2,), class_bias(2, float(head.stride[i]))))
+        assert not new.module.weight.any()  # zero weights: every new logit starts at the prior, whatever the seed
         assert all(p.requires_grad for p in new.parameters())
 
     # everything else in the head, box branch included, keeps its pretrained weights, frozen

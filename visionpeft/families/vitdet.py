@@ -42,6 +42,8 @@ class VitDetFamily(YoloFamily):
         vitdet = sys.modules.get("visionpeft.vitdet.model")
         return vitdet is not None and isinstance(model, vitdet.VitDetModel)
 
+    zero_class_weights = False  # the head is new: its class outputs read untrained features (random init kept)
+
     def class_output_replacements(self, model: nn.Module, names: dict[int, str] | None) -> list:
         """Every parameterised layer of the pyramid and head, as a trainable copy (class outputs re-initialised)."""
         fresh = {name: new for name, _, _, new in super().class_output_replacements(model, names)}
