@@ -291,3 +291,29 @@ def test_cli_trains_offline_with_plots(tmp_path):
     for f in ("results.png", "labels.jpg", "val_batch0_pred.jpg", "weights/best.safetensors", "peft_summary.json"):
         assert (run / f).is_file(), f
     assert "best mAP50" in out.stdout + out.stderr
+
+
+def test_trainer_with_everything_trainable_reproduces_ultralytics_full_fine_tuning(tmp_path):
+    """visionpeft's trainer changes what trains, not how: with every conv and BatchNorm trained (``trainable``
+    copies) and the new class outputs at the same init, its losses are plain Ultralytics' batch for batch."""
+    from visionpeft.paths import resolve_weights
+    from visionpeft.train.baseline import BaselineDetectionTrainer
+    from visionpeft.train.trainer import PeftDetectionTrainer
+
+    args = {**FAST, "model": str(resolve_weights(BASE)), "data": "crop_weed.yaml", "fraction": 0.01, "epochs": 1,
+            "nbs": 4, "val": False, "seed": 0, "deterministic": True, "project": str(tmp_path)}
+    peft = {"methods": [{"method": "trainable", "target_types": ["Conv2d"], "exclude_modules": ["dfl.conv"]}],
+            "bn": "train", "lr_mult": 1.0}
+    losses = {}
+    for kind in ("full", "peft"):
+        trainer = (BaselineDetectionTrainer(overrides={**args, "name": kind}) if kind == "full"
+                   else PeftDetectionTrainer(overrides={**args, "name": kind}, peft=peft))
+        if kind == "full":  # Ultralytics draws the new class outputs at random; visionpeft starts them at zero
+            trainer.add_callback("on_pretrain_routine_end", lambda t: [
+                c[2].weight.data.zero_() for c in t.model.model[-1].cv3])
+        losses[kind] = []
+        trainer.add_callback("on_train_batch_end", lambda t, out=losses[kind]: out.append(torch.as_tensor(
+            list(t.loss_items.values()) if isinstance(t.loss_items, dict) else t.loss_items).clone()))
+        trainer.train()
+    assert len(losses["full"]) == len(losses["peft"]) >= 4  # two optimizer steps at least (nbs 4, batch 2)
+    torch.testing.assert_close(torch.stack(losses["peft"]), torch.stack(losses["full"]), rtol=1e-5, atol=1e-6)
