@@ -304,16 +304,24 @@ def test_trainer_with_everything_trainable_reproduces_ultralytics_full_fine_tuni
             "nbs": 4, "val": False, "seed": 0, "deterministic": True, "project": str(tmp_path)}
     peft = {"methods": [{"method": "trainable", "target_types": ["Conv2d"], "exclude_modules": ["dfl.conv"]}],
             "bn": "train", "lr_mult": 1.0}
-    losses = {}
-    for kind in ("full", "peft"):
+
+    def zero_class_outputs(trainer) -> None:  # Ultralytics draws them at random; visionpeft starts them at zero
+        for branch in trainer.model.model[-1].cv3:
+            branch[2].weight.data.zero_()
+
+    def record(out: list):
+        def on_batch_end(trainer) -> None:  # loss_items: a dict or a tensor, by Ultralytics release
+            items = trainer.loss_items
+            out.append(torch.as_tensor(list(items.values()) if isinstance(items, dict) else items).clone())
+        return on_batch_end
+
+    losses = {"full": [], "peft": []}
+    for kind in losses:
         trainer = (BaselineDetectionTrainer(overrides={**args, "name": kind}) if kind == "full"
                    else PeftDetectionTrainer(overrides={**args, "name": kind}, peft=peft))
-        if kind == "full":  # Ultralytics draws the new class outputs at random; visionpeft starts them at zero
-            trainer.add_callback("on_pretrain_routine_end", lambda t: [
-                c[2].weight.data.zero_() for c in t.model.model[-1].cv3])
-        losses[kind] = []
-        trainer.add_callback("on_train_batch_end", lambda t, out=losses[kind]: out.append(torch.as_tensor(
-            list(t.loss_items.values()) if isinstance(t.loss_items, dict) else t.loss_items).clone()))
+        if kind == "full":
+            trainer.add_callback("on_pretrain_routine_end", zero_class_outputs)
+        trainer.add_callback("on_train_batch_end", record(losses[kind]))
         trainer.train()
     assert len(losses["full"]) == len(losses["peft"]) >= 4  # two optimizer steps at least (nbs 4, batch 2)
     torch.testing.assert_close(torch.stack(losses["peft"]), torch.stack(losses["full"]), rtol=1e-5, atol=1e-6)

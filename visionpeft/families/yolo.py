@@ -61,7 +61,7 @@ class YoloFamily(Family):
     name = "yolo"
     #: New class outputs start at zero weights (every logit the prior ``class_bias``), not at PyTorch's random
     #: init, which Ultralytics keeps: on the pretrained head's large features a random 1x1 conv gives logits far
-    #: from the prior, and which draw a seed gets moved the crop_weed recipe by points of mAP (README, Benchmark).
+    #: from the prior, and one draw moved a crop_weed run by 5 points of mAP50-95 (README, "Across domains").
     zero_class_weights = True
     defaults = {
         "lora": {"target_types": ["Conv2d"], "exclude_modules": ["dfl.conv"]},
