@@ -81,6 +81,9 @@ def test_budget_below_the_fixed_cost_and_without_lora_fail_clearly():
     with pytest.raises(ConfigError, match="add a lora or dora method"):
         load_config("crops.yaml", {"peft.budget": "5%", "peft.methods": [{"method": "bottleneck"}]},
                     check_files=False)
+    with pytest.raises(ConfigError, match="remove init: pissa or the budget"):
+        load_config("crops.yaml", {"peft.budget": "5%", "peft.methods": [{"method": "dora", "init": "pissa"}]},
+                    check_files=False)
     with pytest.raises(ValueError, match="raise the budget") as e:
         vp.plan_ranks(TwoBranches(), [{"method": "lora", "target_modules": ["a"]}], "10B", mode="uniform")
     assert "\n" not in str(e.value)

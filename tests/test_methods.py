@@ -198,17 +198,19 @@ def test_dora_output_and_exact_merge(kind):
     assert rel_err(merged(x), y) < 1e-5
 
 
+@pytest.mark.parametrize("init", ["zero", "pissa"])
 @pytest.mark.parametrize("method", ["lora", "dora"])
 @pytest.mark.parametrize("kind", ["linear", "linear-nobias", "3x3", "depthwise"])
-def test_frozen_linear_adapters_backpropagate_through_the_factors(method, kind):
+def test_frozen_linear_adapters_backpropagate_through_the_factors(method, kind, init):
     """On a frozen Linear, LoRA and DoRA run one matmul with the composed weight and compute their gradients from
     the low-rank factors (no full weight gradient): equal to autograd through the composed weight, in float64.
     Convs keep the plain autograd path (a low-rank conv backward measured slower on this CPU), with the same
-    result."""
+    result. A PiSSA adapter's frozen start is subtracted from the weight the update is added to."""
     layer = (nn.Linear(24, 40, bias=False) if kind == "linear-nobias" else make_layer(kind)).requires_grad_(False)
-    config = vp.LoraConfig(r=4, alpha=8) if method == "lora" else vp.DoraConfig(r=4, alpha=8)
+    config = (vp.LoraConfig if method == "lora" else vp.DoraConfig)(r=4, alpha=8, init=init)
     wrapper = wrap(layer, config)
     adapter = wrapper.adapters["a"]
+    start = low_rank_delta(adapter, layer).detach().double()
     randomize(adapter)
     if method == "dora":
         with torch.no_grad():
@@ -225,7 +227,7 @@ def test_frozen_linear_adapters_backpropagate_through_the_factors(method, kind):
     xr = x.detach().double().requires_grad_(True)
     twin = SimpleNamespace(lora_A=SimpleNamespace(weight=ref["lora_A.weight"]), r=adapter.r, scaling=adapter.scaling,
                            lora_B=SimpleNamespace(weight=ref["lora_B.weight"]))  # the factors in float64
-    w = layer.weight.double() + low_rank_delta(twin, layer)
+    w = layer.weight.double() + low_rank_delta(twin, layer) - start
     if method == "dora":
         w = ref["magnitude"] * w / w.flatten(1).norm(dim=1).reshape(-1, *[1] * (w.dim() - 1))
     yr = apply_weight(copy.deepcopy(layer).double(), xr, w)
@@ -242,6 +244,49 @@ def test_dora_magnitude_scales_each_output_channel():
     with torch.no_grad():
         wrapper.adapters["a"].magnitude.mul_(3.0)
     torch.testing.assert_close(wrapper(x) - layer.bias, 3 * (layer(x) - layer.bias), rtol=1e-4, atol=1e-5)
+
+
+# -- PiSSA initialisation ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("config", [vp.LoraConfig(r=2, alpha=4, init="pissa"), vp.DoraConfig(r=2, alpha=8,
+                                                                                              init="pissa")])
+@pytest.mark.parametrize("kind", LAYERS)
+def test_pissa_starts_at_the_principal_part_equal_to_the_base(config, kind):
+    layer = make_layer(kind)
+    x = layer_input(layer)
+    wrapper = wrap(copy.deepcopy(layer), config)
+    adapter = wrapper.adapters["a"]
+    torch.testing.assert_close(wrapper(x), layer(x), rtol=1e-4, atol=1e-5)  # the model starts at the base
+    assert torch.equal(wrapper.base_layer.weight, layer.weight)  # ... without touching the base weight
+    g = getattr(layer, "groups", 1)
+    if adapter.r >= min(layer.weight.shape[0] // g, layer.weight[0].numel()):  # the rank holds a whole group
+        assert not adapter.lora_B.weight.any() and not list(adapter.buffers())  # the zero init: nothing to start
+        return
+    # s B A is the best rank-r approximation of each group's weight: from a full SVD here
+    w = layer.weight.detach().reshape(g, layer.weight.shape[0] // g, -1)
+    u, sv, vh = torch.linalg.svd(w, full_matrices=False)
+    best = (u[:, :, :adapter.r] * sv[:, None, :adapter.r]) @ vh[:, :adapter.r]
+    torch.testing.assert_close(low_rank_delta(adapter, layer), best.reshape(layer.weight.shape), rtol=1e-4,
+                               atol=1e-5)
+    assert sorted(n for n, _ in adapter.named_buffers()) == ["init_A", "init_B"]  # saved, not trained
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+@pytest.mark.parametrize("kind", ["linear", "3x3", "grouped", "5x5-dilated"])
+def test_pissa_computes_the_update_from_its_start_and_merges_exactly(method, kind):
+    layer = make_layer(kind)
+    x = layer_input(layer)
+    config = (vp.LoraConfig if method == "lora" else vp.DoraConfig)(r=2, alpha=4, init="pissa")
+    wrapper = wrap(copy.deepcopy(layer), config)
+    adapter = wrapper.adapters["a"]
+    start = low_rank_delta(adapter, layer).detach()
+    randomize(adapter)
+    w = layer.weight + low_rank_delta(adapter, layer) - start  # W + s (B A - B0 A0), reference built here
+    if method == "dora":
+        w = adapter.magnitude * w / w.flatten(1).norm(dim=1).reshape(-1, *[1] * (w.dim() - 1))
+    y = wrapper(x)
+    assert rel_err(y, layer(x)) > 1e-2
+    assert rel_err(y, apply_weight(layer, x, w)) < 1e-5
+    assert rel_err(wrapper.merged()(x), y) < 1e-5
 
 
 # -- bottleneck adapters -----------------------------------------------------------------------------------------
@@ -401,6 +446,7 @@ BAD_FIELDS = [
     (vp.LoraConfig, {"alpha": "1e3"}, "LoraConfig.alpha must be a number > 0, got '1e3' (a string"),
     (vp.LoraConfig, {"dropout": 1.0}, "LoraConfig.dropout must be a number in [0, 1), got 1.0"),
     (vp.LoraConfig, {"dropout": -0.1}, "LoraConfig.dropout must be a number in [0, 1), got -0.1"),
+    (vp.DoraConfig, {"init": "gaussian"}, "DoraConfig.init must be one of ['zero', 'pissa'], got 'gaussian'"),
     (vp.BottleneckConfig, {"r": 0}, "BottleneckConfig.r must be an integer >= 1, got 0"),
     (vp.BottleneckConfig, {"scale": 0}, "BottleneckConfig.scale must be a number != 0, got 0"),
     (vp.BottleneckConfig, {"scale": float("inf")}, "BottleneckConfig.scale must be a number != 0, got inf"),

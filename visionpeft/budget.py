@@ -135,6 +135,17 @@ def _weight_gradients(probe: nn.Module, names: list[str], losses: Callable[[nn.M
     return {n: wrappers[n].base_layer.weight.grad for n in names}
 
 
+def check_plannable(methods: list[dict]) -> None:
+    """The one-line error for method configs (dicts, as in YAML) whose ranks a budget cannot plan."""
+    kinds = [m.get("method") if isinstance(m, dict) else None for m in methods]
+    if not any(k in PLANNED_METHODS for k in kinds):
+        raise ValueError(f"peft.budget plans the ranks of {'/'.join(PLANNED_METHODS)} adapters, and the methods are "
+                         f"{kinds}; add a lora or dora method to peft.methods, or remove the budget.")
+    if any(isinstance(m, dict) and m.get("init", "zero") != "zero" for m in methods):
+        raise ValueError("peft.budget plans ranks for adapters that start at zero, and a PiSSA adapter (init: pissa) "
+                         "stores its start too, twice the bytes per rank: remove init: pissa or the budget.")
+
+
 def plan_ranks(
     model: nn.Module,
     configs: list[dict],
@@ -155,9 +166,7 @@ def plan_ranks(
     if mode not in RANK_PLANS:
         raise ValueError(f"peft.rank_plan must be one of {list(RANK_PLANS)}, not {mode!r}.")
     parsed = [config_from_dict(c) for c in configs]
-    if not any(c.method in PLANNED_METHODS for c in parsed):
-        raise ValueError(f"peft.budget plans the ranks of {'/'.join(PLANNED_METHODS)} adapters, and the methods are "
-                         f"{[c.method for c in parsed]}; add a lora or dora method or remove the budget.")
+    check_plannable(configs)
     probe = inject(copy.deepcopy(model), configs, adapter_name="rank_plan", names=names)
     family = family_of(model)
     defaulted = [family.with_defaults(c) for c in parsed]

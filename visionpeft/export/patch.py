@@ -35,7 +35,7 @@ from ..edge.apply import (
 from ..inject import adapted_modules, merge
 from ..io import load_adapter
 from ..methods.dora import DoraAdapter
-from ..methods.lora import LoraAdapter
+from ..methods.lora import LoraAdapter, update_factors
 from ..models import load_base
 from .onnx import _quiet, base_export
 from .options import PRECISIONS, ExportOptions
@@ -109,8 +109,8 @@ def conv_factors(adapted: nn.Module, plain: nn.Module, merged: nn.Module) -> dic
         path = name.replace(".base_layer.", ".")  # the module's name in the plain and merged models
         s, s_merged = fold_scale(plain, path), fold_scale(merged, path)
         g = conv.groups
-        a, b = adapter.lora_A.weight.detach().float(), adapter.lora_B.weight.detach().float()
-        entry = {"A": a.reshape(g, a.shape[0] // g, -1), "B": b.reshape(g, b.shape[0] // g, -1)}
+        a, b = update_factors(adapter, g)
+        entry = {"A": a.float(), "B": b.float()}
         if isinstance(adapter, LoraAdapter):
             entry.update(kind="lora", c=s_merged * adapter.scaling)
             if not torch.equal(s, s_merged):

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .base import Adapter, full_precision
-from .lora import LoraConfig, compose_weight, functional_layer, group_rank, low_rank_pair
+from .lora import LoraConfig, compose_weight, functional_layer, group_rank, low_rank_pair, principal_init, start_offset
 from .lowrank_linear import fusable, lowrank_linear
 
 
@@ -21,7 +21,7 @@ class DoraConfig(LoraConfig):
     method = "dora"
 
     def build(self, base: nn.Module, r: int) -> Adapter:
-        return DoraAdapter(base, r=r, alpha=self.alpha)
+        return DoraAdapter(base, r=r, alpha=self.alpha, init=self.init)
 
 
 def channel_norm(w: torch.Tensor) -> torch.Tensor:
@@ -32,21 +32,28 @@ def channel_norm(w: torch.Tensor) -> torch.Tensor:
 class DoraAdapter(Adapter):
     mergeable = True
 
-    def __init__(self, base: nn.Module, r: int, alpha: float) -> None:
+    def __init__(self, base: nn.Module, r: int, alpha: float, init: str = "zero") -> None:
         super().__init__()
         self.r = group_rank(base, r)
         self.scaling = alpha / r
         self.lora_A, self.lora_B = low_rank_pair(base, self.r)
         self.magnitude = nn.Parameter(channel_norm(base.weight.detach()).clone())
+        if init == "pissa":
+            principal_init(self, base)
+
+    def start_weight(self, base: nn.Module) -> torch.Tensor:
+        """The weight the low-rank update is added to: the base's, less a PiSSA adapter's frozen start."""
+        offset = start_offset(self, base)
+        return base.weight if offset is None else base.weight - offset
 
     def adapted_weight(self, base: nn.Module) -> torch.Tensor:
-        w = base.weight + compose_weight(self.lora_A, self.lora_B, base) * self.scaling
+        w = self.start_weight(base) + compose_weight(self.lora_A, self.lora_B, base) * self.scaling
         return self.magnitude * w / channel_norm(w).clamp_min(1e-12)
 
     def forward(self, base: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if fusable(base, x):  # no full weight gradient in the backward pass
-            return lowrank_linear(x, base.weight, base.bias, self.lora_A.weight, self.lora_B.weight, self.scaling,
-                                  self.magnitude)
+            return lowrank_linear(x, self.start_weight(base), base.bias, self.lora_A.weight, self.lora_B.weight,
+                                  self.scaling, self.magnitude)
         with full_precision(x):  # the per-filter norm of a fp16 weight loses the small LoRA update
             w = self.adapted_weight(base)
         return functional_layer(base, x, w)

@@ -28,15 +28,21 @@ class LoraConfig(AdapterConfig):
     r: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
+    init: str = "zero"  # "zero": B = 0 (Hu et al.); "pissa": the base's principal directions (Meng et al., 2024)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.r = checks.integer(self, "r", self.r, 1)
         self.alpha = checks.number(self, "alpha", self.alpha, "> 0", lambda v: v > 0)
         self.dropout = checks.number(self, "dropout", self.dropout, "in [0, 1)", lambda v: 0 <= v < 1)
+        if self.init not in INITS:
+            raise checks.fail(self, "init", f"one of {list(INITS)}", self.init)
 
     def build(self, base: nn.Module, r: int) -> Adapter:
-        return LoraAdapter(base, r=r, alpha=self.alpha, dropout=self.dropout)
+        return LoraAdapter(base, r=r, alpha=self.alpha, dropout=self.dropout, init=self.init)
+
+
+INITS = ("zero", "pissa")
 
 
 def group_rank(base: nn.Module, r: int) -> int:
@@ -68,14 +74,54 @@ def low_rank_pair(base: nn.Module, r: int) -> tuple[nn.Module, nn.Module]:
     return a, b
 
 
-def compose_weight(a: nn.Module, b: nn.Module, base: nn.Module) -> torch.Tensor:
-    """The weight of ``b(a(x))`` as one layer with the shape of ``base.weight``."""
+def compose_weight(a: nn.Module | torch.Tensor, b: nn.Module | torch.Tensor, base: nn.Module) -> torch.Tensor:
+    """The weight of ``b(a(x))`` as one layer with the shape of ``base.weight`` (``a``, ``b``: layers or weights)."""
+    wa, wb = getattr(a, "weight", a), getattr(b, "weight", b)
     if isinstance(base, nn.Linear):
-        return b.weight @ a.weight
+        return wb @ wa
     g = base.groups
-    wa = a.weight.reshape(g, a.out_channels // g, -1)  # (g, r, in/g * kh * kw)
-    wb = b.weight.reshape(g, b.out_channels // g, -1)  # (g, out/g, r)
+    wa = wa.reshape(g, wa.shape[0] // g, -1)  # (g, r, in/g * kh * kw)
+    wb = wb.reshape(g, wb.shape[0] // g, -1)  # (g, out/g, r)
     return torch.bmm(wb, wa).reshape(base.weight.shape)
+
+
+@torch.no_grad()
+def principal_init(adapter: nn.Module, base: nn.Module) -> None:
+    """PiSSA: start ``s B A`` at the top-``r`` singular part of each group's weight and keep that start as frozen
+    buffers, so the adapted layer computes ``W + s (B A - B0 A0)``: equal to the base at step 0 (the base weight
+    itself is never modified, so other adapters and ``set_adapter(None)`` still see it), with both factors
+    receiving gradients from the first step along the weight's principal directions. Where the rank holds a whole
+    group (depthwise convs: rank 1), the start would be the entire weight and DoRA's direction blind to ``B``'s
+    scale, so such layers keep the zero init."""
+    a, b, r = adapter.lora_A, adapter.lora_B, adapter.r
+    g = getattr(base, "groups", 1)
+    w = base.weight.detach().float().reshape(g, base.weight.shape[0] // g, -1)
+    if r >= min(w.shape[1:]):
+        return
+    u, sv, vh = torch.linalg.svd(w, full_matrices=False)
+    root = (sv[:, :r] / adapter.scaling).sqrt()  # s B A = U_r S_r V_r^T
+    b.weight.copy_((u[:, :, :r] * root[:, None, :]).reshape(b.weight.shape))
+    a.weight.copy_((root[:, :, None] * vh[:, :r, :]).reshape(a.weight.shape))
+    adapter.register_buffer("init_A", a.weight.detach().clone())
+    adapter.register_buffer("init_B", b.weight.detach().clone())
+
+
+def update_factors(adapter: nn.Module, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``A`` (g, k, fan-in) and ``B`` (g, out/g, k) per channel group with ``s B A`` the adapter's update: the
+    trained factors (k = r), or for a PiSSA adapter ``[B, -B0] [A; A0]`` (k = 2r, as exact as the file)."""
+    a, b = adapter.lora_A.weight.detach(), adapter.lora_B.weight.detach()
+    a, b = a.reshape(groups, a.shape[0] // groups, -1), b.reshape(groups, b.shape[0] // groups, -1)
+    if not hasattr(adapter, "init_A"):
+        return a, b
+    a0, b0 = adapter.init_A.reshape(a.shape), adapter.init_B.reshape(b.shape)
+    return torch.cat([a, a0], 1), torch.cat([b, -b0], 2)
+
+
+def start_offset(adapter: nn.Module, base: nn.Module) -> torch.Tensor | None:
+    """``s B0 A0``, the frozen starting point a PiSSA adapter subtracts (``None`` for the zero init)."""
+    if not hasattr(adapter, "init_A"):
+        return None
+    return compose_weight(adapter.init_A, adapter.init_B, base) * adapter.scaling
 
 
 class LoraAdapter(Adapter):
@@ -83,22 +129,28 @@ class LoraAdapter(Adapter):
 
     mergeable = True
 
-    def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0) -> None:
+    def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0, init: str = "zero") -> None:
         super().__init__()
         self.r = group_rank(base, r)
         self.scaling = alpha / r
         self.lora_A, self.lora_B = low_rank_pair(base, self.r)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        if init == "pissa":
+            principal_init(self, base)
 
     def delta_weight(self, base: nn.Module) -> torch.Tensor:
-        return compose_weight(self.lora_A, self.lora_B, base) * self.scaling
+        delta = compose_weight(self.lora_A, self.lora_B, base) * self.scaling
+        offset = start_offset(self, base)
+        return delta if offset is None else delta - offset
 
     def forward(self, base: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        offset = start_offset(self, base)
         if isinstance(self.dropout, nn.Identity) and fusable(base, x):  # one matmul, no full weight gradient
-            return lowrank_linear(x, base.weight, base.bias, self.lora_A.weight, self.lora_B.weight, self.scaling)
+            w = base.weight if offset is None else base.weight - offset
+            return lowrank_linear(x, w, base.bias, self.lora_A.weight, self.lora_B.weight, self.scaling)
         with full_precision(x):
             delta = self.lora_B(self.lora_A(self.dropout(x.float()))) * self.scaling
-        return base(x) + delta
+        return (base(x) if offset is None else functional_layer(base, x, base.weight - offset)) + delta
 
     @torch.no_grad()
     def merge_into(self, base: nn.Module) -> nn.Module:

@@ -26,7 +26,7 @@ import yaml
 from torch import nn
 
 from .. import settings
-from ..budget import PLANNED_METHODS, RANK_PLANS, parse_budget
+from ..budget import RANK_PLANS, check_plannable, parse_budget
 from ..datasets import load_dataset
 from ..inject import inject
 from ..methods import LoraConfig, config_from_dict
@@ -107,9 +107,7 @@ class PeftSpec:
             raise ValueError(f"peft.keep_base must be true or false, not {self.keep_base!r}.")
         if self.budget is not None:
             parse_budget(self.budget)
-            if not any(isinstance(m, dict) and m.get("method") in PLANNED_METHODS for m in self.methods or []):
-                raise ValueError(f"peft.budget plans the ranks of {'/'.join(PLANNED_METHODS)} adapters; add a lora or "
-                                 "dora method to peft.methods, or remove the budget.")
+            check_plannable(self.methods or [])
         if self.rank_plan not in RANK_PLANS:
             raise ValueError(f"peft.rank_plan must be one of {list(RANK_PLANS)}, not {self.rank_plan!r}.")
         if not isinstance(self.methods, list) or not self.methods:
