@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .base import Adapter, full_precision
-from .lora import LoraConfig, compose_weight, functional_layer, group_rank, low_rank_pair, principal_init, start_offset
+from .lora import LoraConfig, compose_weight, functional_layer, group_rank, low_rank_pair, principal_init, start_weight
 from .lowrank_linear import fusable, lowrank_linear
 
 
@@ -41,18 +41,13 @@ class DoraAdapter(Adapter):
         if init == "pissa":
             principal_init(self, base)
 
-    def start_weight(self, base: nn.Module) -> torch.Tensor:
-        """The weight the low-rank update is added to: the base's, less a PiSSA adapter's frozen start."""
-        offset = start_offset(self, base)
-        return base.weight if offset is None else base.weight - offset
-
     def adapted_weight(self, base: nn.Module) -> torch.Tensor:
-        w = self.start_weight(base) + compose_weight(self.lora_A, self.lora_B, base) * self.scaling
+        w = start_weight(self, base) + compose_weight(self.lora_A, self.lora_B, base) * self.scaling
         return self.magnitude * w / channel_norm(w).clamp_min(1e-12)
 
     def forward(self, base: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if fusable(base, x):  # no full weight gradient in the backward pass
-            return lowrank_linear(x, self.start_weight(base), base.bias, self.lora_A.weight, self.lora_B.weight,
+            return lowrank_linear(x, start_weight(self, base), base.bias, self.lora_A.weight, self.lora_B.weight,
                                   self.scaling, self.magnitude)
         with full_precision(x):  # the per-filter norm of a fp16 weight loses the small LoRA update
             w = self.adapted_weight(base)

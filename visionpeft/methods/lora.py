@@ -117,11 +117,11 @@ def update_factors(adapter: nn.Module, groups: int) -> tuple[torch.Tensor, torch
     return torch.cat([a, a0], 1), torch.cat([b, -b0], 2)
 
 
-def start_offset(adapter: nn.Module, base: nn.Module) -> torch.Tensor | None:
-    """``s B0 A0``, the frozen starting point a PiSSA adapter subtracts (``None`` for the zero init)."""
+def start_weight(adapter: nn.Module, base: nn.Module) -> torch.Tensor:
+    """The weight the adapter's ``s B A`` is added to: the base's, less a PiSSA adapter's frozen start ``s B0 A0``."""
     if not hasattr(adapter, "init_A"):
-        return None
-    return compose_weight(adapter.init_A, adapter.init_B, base) * adapter.scaling
+        return base.weight
+    return base.weight - compose_weight(adapter.init_A, adapter.init_B, base) * adapter.scaling
 
 
 class LoraAdapter(Adapter):
@@ -138,23 +138,20 @@ class LoraAdapter(Adapter):
         if init == "pissa":
             principal_init(self, base)
 
-    def delta_weight(self, base: nn.Module) -> torch.Tensor:
-        delta = compose_weight(self.lora_A, self.lora_B, base) * self.scaling
-        offset = start_offset(self, base)
-        return delta if offset is None else delta - offset
+    def adapted_weight(self, base: nn.Module) -> torch.Tensor:
+        return start_weight(self, base) + compose_weight(self.lora_A, self.lora_B, base) * self.scaling
 
     def forward(self, base: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        offset = start_offset(self, base)
+        w = start_weight(self, base)
         if isinstance(self.dropout, nn.Identity) and fusable(base, x):  # one matmul, no full weight gradient
-            w = base.weight if offset is None else base.weight - offset
             return lowrank_linear(x, w, base.bias, self.lora_A.weight, self.lora_B.weight, self.scaling)
         with full_precision(x):
             delta = self.lora_B(self.lora_A(self.dropout(x.float()))) * self.scaling
-        return (base(x) if offset is None else functional_layer(base, x, base.weight - offset)) + delta
+        return (base(x) if w is base.weight else functional_layer(base, x, w)) + delta
 
     @torch.no_grad()
     def merge_into(self, base: nn.Module) -> nn.Module:
-        base.weight += self.delta_weight(base).to(base.weight.dtype)
+        base.weight.copy_(self.adapted_weight(base))
         return base
 
 
