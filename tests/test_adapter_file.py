@@ -105,6 +105,34 @@ def test_float16_file_is_half_the_size_and_loads_back_into_float32(base, images,
     assert max_rel_diff(actual, expected) < 1e-3
 
 
+def test_pissa_file_holds_no_start_and_a_reload_checks_the_one_it_recomputes(base, images, tmp_path):
+    plain, model = trained(base, "yolo11-dora-pissa-new-classes")
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # B near its start, as after training (randomize_adapters drew it around zero)
+        for _, wrapper in adapted_modules(model):
+            adapter = wrapper.adapters["task"]
+            if hasattr(adapter, "init_B"):
+                adapter.lora_B.weight.copy_(adapter.init_B * (1 + 0.1 * torch.randn(adapter.init_B.shape, generator=g)))
+    path = vp.save_adapter(model, tmp_path / "pissa.safetensors", dtype=torch.float16)
+    tensors = load_file(path)
+    zero = vp.inject(copy.deepcopy(plain), vp.DoraConfig(r=4), adapter_name="task", names=["crop", "weed"])
+    zero_keys = set(load_file(vp.save_adapter(zero, tmp_path / "zero.safetensors", dtype=torch.float16)))
+    digests = {k for k in tensors if k.endswith("/init_digest")}
+    assert digests and set(tensors) - digests == zero_keys  # the zero init's tensors: the start is recomputed
+    assert sum(tensors[k].numel() for k in digests) < 0.02 * sum(v.numel() for v in tensors.values())
+    fresh = vp.load_adapter(vp.load_base(resolve_weights("yolo11n.pt")), path)
+    # fp16 factors the size of the weights' principal part: about the rounding of an fp16 checkpoint (best.pt)
+    assert max_rel_diff(run(fresh, images), run(model, images)) < 1e-2
+
+    key = sorted(digests)[0]  # a start recomputed otherwise (other signs, another subspace) is refused
+    tensors[key] = -tensors[key]
+    save_file(tensors, tmp_path / "other.safetensors", metadata=safe_open(str(path), "pt").metadata())
+    other = vp.load_base(resolve_weights("yolo11n.pt"))
+    with pytest.raises(vp.AdapterFileError, match=f"at '{key.split('/')[0]}': the PiSSA start recomputed"):
+        vp.load_adapter(other, tmp_path / "other.safetensors")
+    assert not hasattr(other, "visionpeft"), "a refused adapter must leave the model untouched"
+
+
 def test_load_under_another_name_and_keep_the_active_adapter(base, images, tmp_path):
     plain, model = trained(base, "yolov8-dora")
     path = vp.save_adapter(model, tmp_path / "a.safetensors")

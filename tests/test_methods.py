@@ -265,9 +265,9 @@ def test_pissa_starts_at_the_principal_part_equal_to_the_base(config, kind):
     w = layer.weight.detach().reshape(g, layer.weight.shape[0] // g, -1)
     u, sv, vh = torch.linalg.svd(w, full_matrices=False)
     best = (u[:, :, :adapter.r] * sv[:, None, :adapter.r]) @ vh[:, :adapter.r]
-    torch.testing.assert_close(low_rank_delta(adapter, layer), best.reshape(layer.weight.shape), rtol=1e-4,
-                               atol=1e-5)
-    assert sorted(n for n, _ in adapter.named_buffers()) == ["init_A", "init_B"]  # saved, not trained
+    assert rel_err(low_rank_delta(adapter, layer), best.reshape(layer.weight.shape)) < 1e-3  # factors on fp16's grid
+    assert sorted(n for n, _ in adapter.named_buffers()) == ["init_A", "init_B", "init_digest"]  # not trained
+    assert "init_A" not in adapter.state_dict()  # ... and not saved: a reload recomputes the start from the base
 
 
 @pytest.mark.parametrize("method", ["lora", "dora"])

@@ -142,8 +142,8 @@ def check_plannable(methods: list[dict]) -> None:
         raise ValueError(f"peft.budget plans the ranks of {'/'.join(PLANNED_METHODS)} adapters, and the methods are "
                          f"{kinds}; add a lora or dora method to peft.methods, or remove the budget.")
     if any(isinstance(m, dict) and m.get("init", "zero") != "zero" for m in methods):
-        raise ValueError("peft.budget plans ranks for adapters that start at zero, and a PiSSA adapter (init: pissa) "
-                         "stores its start too, twice the bytes per rank: remove init: pissa or the budget.")
+        raise ValueError("peft.budget plans ranks for adapters that start at zero (its plans were measured with them), "
+                         "not for PiSSA starts (init: pissa): remove init: pissa or the budget.")
 
 
 def plan_ranks(

@@ -92,18 +92,48 @@ def principal_init(adapter: nn.Module, base: nn.Module) -> None:
     itself is never modified, so other adapters and ``set_adapter(None)`` still see it), with both factors
     receiving gradients from the first step along the weight's principal directions. Where the rank holds a whole
     group (depthwise convs: rank 1), the start would be the entire weight and DoRA's direction blind to ``B``'s
-    scale, so such layers keep the zero init."""
+    scale, so such layers keep the zero init.
+
+    The start is not saved: it is a function of the base weights, which an adapter file's fingerprint pins, so
+    loading recomputes it (the file stays the zero init's size) and checks it against a digest that is saved."""
     a, b, r = adapter.lora_A, adapter.lora_B, adapter.r
     g = getattr(base, "groups", 1)
     w = base.weight.detach().float().reshape(g, base.weight.shape[0] // g, -1)
     if r >= min(w.shape[1:]):
         return
     u, sv, vh = torch.linalg.svd(w, full_matrices=False)
-    root = (sv[:, :r] / adapter.scaling).sqrt()  # s B A = U_r S_r V_r^T
-    b.weight.copy_((u[:, :, :r] * root[:, None, :]).reshape(b.weight.shape))
-    a.weight.copy_((root[:, :, None] * vh[:, :r, :]).reshape(a.weight.shape))
-    adapter.register_buffer("init_A", a.weight.detach().clone())
-    adapter.register_buffer("init_B", b.weight.detach().clone())
+    u, sv, vh = u[:, :, :r], sv[:, :r], vh[:, :r]
+    # each component's largest |u| entry positive (sklearn's svd_flip), so that a LAPACK build choosing other signs
+    # recomputes the same start; training is exactly sign-symmetric, so this changes no result
+    sign = u.gather(1, u.abs().argmax(1, keepdim=True)).sign()  # (g, 1, r)
+    u, vh = u * sign, vh * sign.transpose(1, 2)
+    root = (sv / adapter.scaling).sqrt()  # s B A = U_r S_r V_r^T
+    # on float16's grid: an fp16 adapter file or edge patch then carries the start exactly, and a recomputation
+    # whose last float32 bits differ (another CPU, another LAPACK) rounds to the same start
+    b.weight.copy_((u * root[:, None, :]).reshape(b.weight.shape).half())
+    a.weight.copy_((root[:, :, None] * vh).reshape(a.weight.shape).half())
+    adapter.register_buffer("init_A", a.weight.detach().clone(), persistent=False)
+    adapter.register_buffer("init_B", b.weight.detach().clone(), persistent=False)
+    adapter.register_buffer("init_digest", start_digest(adapter))
+    adapter.register_load_state_dict_post_hook(check_start)
+
+
+def start_digest(adapter: nn.Module) -> torch.Tensor:
+    """Per-component sums of the start's factors (2 r values per group): a recomputed start whose components
+    differ in sign, order or subspace gives other sums."""
+    g = getattr(adapter.lora_A, "groups", 1)
+    a0, b0 = adapter.init_A, adapter.init_B
+    return torch.cat([a0.reshape(g, a0.shape[0] // g, -1).sum(2), b0.reshape(g, b0.shape[0] // g, -1).sum(1)], 1)
+
+
+def check_start(adapter: nn.Module, incompatible_keys: object) -> None:
+    """After loading a PiSSA adapter's tensors: the start recomputed from this base must be the one it trained from
+    (to the file's fp16 precision)."""
+    got, want = start_digest(adapter), adapter.init_digest
+    if not torch.allclose(got, want, rtol=1e-2, atol=1e-2 * float(got.abs().max())):
+        raise RuntimeError("the PiSSA start recomputed from this base (its top-r singular part) is not the one the "
+                           "adapter was trained from; load it with the torch build it was trained with, or retrain "
+                           "it with init: zero.")
 
 
 def update_factors(adapter: nn.Module, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
