@@ -21,7 +21,7 @@ from .runner import eta_text, launch, run_spec, training_config
 
 BENCH_KEYS = ["base", "train", "seeds", "domains", "runs", "project", "name", "only", "only_domains", "quick"]
 DOMAIN_KEYS = ["data", "train", "seeds"]
-RUN_KEYS = ["kind", "freeze", "peft", "train"]
+RUN_KEYS = ["kind", "freeze", "ema_tau", "peft", "train"]
 KINDS = ["full", "freeze", "peft"]
 SPEC, RESULT = "bench_spec.json", "bench_result.json"
 

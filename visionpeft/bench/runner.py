@@ -29,7 +29,8 @@ def load_bench_config(path: str | Path, overrides: dict | None = None) -> dict:
 
     ``base``: the training config every run starts from (model, data, augmentations, train args; its ``peft:``
     block is the shipped recipe). ``train``: train args for every run. ``runs``: name -> ``{kind, freeze, peft,
-    train, base}`` (a run's ``base`` replaces the benchmark's). ``project``/``name``: the output folder.
+    train, base, ema_tau}`` (a run's ``base`` replaces the benchmark's; ``ema_tau`` for a baseline's EMA, as
+    ``peft.ema_tau`` sets a PEFT run's). ``project``/``name``: the output folder.
     ``only``: comma-separated run names to do.
     Overrides: benchmark keys, else Ultralytics train keys (``epochs=30 fraction=0.1``).
     """
@@ -86,9 +87,11 @@ def run_config(cfg: dict, name: str, out_dir: Path) -> dict:
 
 
 def run_spec(name: str, entry: dict | None, config: dict) -> dict:
-    """What the worker reads: the run's name, kind (full, freeze, peft), Ultralytics ``freeze`` and config."""
+    """What the worker reads: the run's name, kind (full, freeze, peft), Ultralytics ``freeze``, a baseline's
+    ``ema_tau`` and config."""
     entry = entry or {}
-    return {"name": name, "kind": entry.get("kind", "peft"), "freeze": entry.get("freeze"), "config": config}
+    return {"name": name, "kind": entry.get("kind", "peft"), "freeze": entry.get("freeze"),
+            "ema_tau": entry.get("ema_tau"), "config": config}
 
 
 def launch(spec: dict, spec_file: Path, result_file: Path, label: str) -> dict:

@@ -30,7 +30,8 @@ def build_trainer(spec: dict):
         return PeftDetectionTrainer(overrides=overrides, peft=config.peft)
     if kind not in {"full", "freeze"}:
         raise ValueError(f"Unknown benchmark run kind '{kind}': use full, freeze or peft.")
-    return BaselineDetectionTrainer(overrides={**overrides, "freeze": spec.get("freeze")})
+    return BaselineDetectionTrainer(overrides={**overrides, "freeze": spec.get("freeze")},
+                                    ema_tau=spec.get("ema_tau"))
 
 
 def run_one(spec: dict) -> dict:

@@ -32,6 +32,7 @@ from ..inject import inject
 from ..methods import LoraConfig, config_from_dict
 from ..paths import find_file, resolve_weights
 from .augment import build_transforms, to_ultralytics
+from .ema import check_ema_tau
 
 CONFIGS_DIR = settings.ROOT / "configs"
 SECTIONS = ("model", "data", "peft", "augmentations", "train")
@@ -80,6 +81,8 @@ class PeftSpec:
     file of ``"250KB"`` (:mod:`visionpeft.budget`); the methods' ranks become the planner's middle, a layer may get
     up to twice as much or none. ``rank_plan``: ``gradient`` (rank where the first batches' weight gradients need
     it) or ``uniform`` (the largest rank that fits everywhere).
+    ``ema_tau``: the EMA's time constant in optimizer steps; ``auto`` scales it to the run (:mod:`.ema`), ``None``
+    keeps Ultralytics' 2000, under which a short fine-tune's EMA is its last step's weights.
     """
 
     adapter_name: str = "default"
@@ -91,6 +94,7 @@ class PeftSpec:
     keep_base: bool = False
     budget: str | None = None
     rank_plan: str = "gradient"
+    ema_tau: float | str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.adapter_name, str) or not self.adapter_name or "." in self.adapter_name:
@@ -108,6 +112,10 @@ class PeftSpec:
         if self.budget is not None:
             parse_budget(self.budget)
             check_plannable(self.methods or [])
+        try:
+            check_ema_tau(self.ema_tau)
+        except ValueError as e:
+            raise ValueError(f"peft.{e}") from None
         if self.rank_plan not in RANK_PLANS:
             raise ValueError(f"peft.rank_plan must be one of {list(RANK_PLANS)}, not {self.rank_plan!r}.")
         if not isinstance(self.methods, list) or not self.methods:

@@ -96,6 +96,10 @@ class PeftDetectionTrainer(BaselineDetectionTrainer):
             if fn not in self.callbacks[event]:  # DDP workers get the launcher's callbacks, these included
                 self.add_callback(event, fn)
 
+    @property
+    def ema_tau(self) -> float | str | None:
+        return self.peft.ema_tau  # the checkpoint's on resume (_adopt_checkpoint_spec)
+
     # -- run folder --------------------------------------------------------------------------------------------
     def check_resume(self, overrides) -> None:
         """Ultralytics settles the args (the checkpoint's on resume) here, first thing in ``BaseTrainer.__init__``,
