@@ -28,9 +28,10 @@ from visionpeft.train.runlock import LOCK_NAME, RunFolderLockedError, acquire, r
 ROOT = Path(__file__).resolve().parents[1]
 FAST = {"imgsz": 64, "batch": 2, "nbs": 2, "warmup_epochs": 0, "workers": 0, "plots": False, "exist_ok": True}
 # 18 crop_weed images (albumentations of crops.yaml), 5 batches an epoch, an optimizer step every 3 batches (steps
-# and gradients cross epochs), SGD (momentum, which last.pt stores in fp16), mosaic closed from epoch 3 of 5.
+# and gradients cross epochs), SGD (momentum, which last.pt stores in fp16), mosaic closed from epoch 3 of 5, an
+# EMA that really averages (ema_tau scaled to the run's ~9 steps), so the resumed EMA must be the interrupted one's.
 EXACT = {**FAST, "epochs": 5, "fraction": [0.02, 0.05], "batch": 4, "nbs": 12, "optimizer": "SGD",
-         "close_mosaic": 3}
+         "close_mosaic": 3, "peft.ema_tau": "auto"}
 
 KILL_AFTER_FIRST_EPOCH = textwrap.dedent("""
     import json, os, signal, sys

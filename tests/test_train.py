@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import subprocess
 import sys
@@ -158,9 +159,12 @@ def test_crop_weed_fraction_with_field_augmentations(tmp_path, fresh_base):
     rec = Recorder()
     summary = train("crops.yaml", callbacks=rec.callbacks(), project=str(tmp_path), name="cw",
                     **{**FAST, "epochs": 1, "fraction": [0.02, 0.05], "batch": 4, "nbs": 4, "peft.full_lr_mult": 1,
-                       "peft.loraplus_lr_ratio": 4})
+                       "peft.loraplus_lr_ratio": 4, "peft.ema_tau": 2.5})
     trainer = rec.trainer
     assert trainer.model.names == {0: "crop", 1: "weed"} and summary.adapter_name == "crops"
+    # the EMA kept Ultralytics' update count and took the run's time constant (2.5 optimizer steps)
+    assert trainer.ema.decay.tau == 2.5 and trainer.ema.updates > 0
+    assert trainer.ema.decay(trainer.ema.updates) == pytest.approx(0.9999 * (1 - math.exp(-trainer.ema.updates / 2.5)))
 
     def walk(t):
         for x in getattr(t, "transforms", []):
