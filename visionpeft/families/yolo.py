@@ -68,6 +68,7 @@ class YoloFamily(Family):
         "dora": {"target_types": ["Conv2d"], "exclude_modules": ["dfl.conv"]},
         "bottleneck": {"target_types": ["C2f", "C3k2", "C3", "C2PSA", "A2C2f"]},
         "norm_stats": {"target_types": ["BatchNorm2d"]},
+        "shift": {"target_types": ["BatchNorm2d"]},
     }
 
     def matches(self, model: nn.Module) -> bool:

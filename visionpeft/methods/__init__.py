@@ -9,10 +9,11 @@ from .bottleneck import BottleneckConfig
 from .dora import DoraConfig
 from .lora import LoraConfig
 from .norm_stats import NormStatsConfig
+from .shift import ShiftConfig
 from .trainable import TrainableConfig
 
 METHODS: dict[str, type[AdapterConfig]] = {
-    c.method: c for c in (LoraConfig, DoraConfig, BottleneckConfig, NormStatsConfig, TrainableConfig)
+    c.method: c for c in (LoraConfig, DoraConfig, BottleneckConfig, NormStatsConfig, ShiftConfig, TrainableConfig)
 }
 
 
@@ -25,4 +26,4 @@ def config_from_dict(d: dict[str, Any]) -> AdapterConfig:
 
 
 __all__ = ["METHODS", "AdaptedModule", "Adapter", "AdapterConfig", "BottleneckConfig", "DoraConfig", "LoraConfig",
-           "NormStatsConfig", "TrainableConfig", "config_from_dict"]
+           "NormStatsConfig", "ShiftConfig", "TrainableConfig", "config_from_dict"]
