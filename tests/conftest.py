@@ -122,7 +122,7 @@ def randomize_adapters(model: nn.Module, std: float = 0.05, seed: int = 0) -> No
         for _, wrapper in adapted_modules(model):
             for adapter in wrapper.adapters.values():
                 for name, p in adapter.named_parameters():
-                    if name.endswith(("lora_B.weight", "up.weight", "up.bias")):
+                    if name.endswith(("lora_B.weight", "up.weight", "up.bias")) or name == "bias":  # shift too
                         p.copy_(torch.randn(p.shape, generator=g) * std)
                     elif name == "module.weight" and not p.any():  # a new class output: PyTorch's conv init
                         nn.init.kaiming_uniform_(p, a=math.sqrt(5), generator=g)

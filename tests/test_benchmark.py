@@ -185,7 +185,7 @@ def test_domain_aggregation_ratios_spread_geomean_worst():
     (DOMAINS_YAML.replace("{data: coco8.yaml}", "{data: coco8.yaml, epochs: 3}"), {},
      r"Unknown key\(s\) \['epochs'\] in domains.coco8. Valid keys: \['data', 'train', 'seeds'\]"),
     (DOMAINS_YAML.replace("{kind: full}", "{kind: full, lr: 2}"), {},
-     r"Unknown key\(s\) \['lr'\] in runs.full. Valid keys: \['kind', 'freeze', 'peft', 'train'\]"),
+     r"Unknown key\(s\) \['lr'\] in runs.full. Valid keys: \['kind', 'freeze', 'ema_tau', 'peft', 'train'\]"),
     (DOMAINS_YAML.replace("{data: coco8.yaml}", "{data: coco8.yaml, train: {epochz: 3}}"), {},
      r"domains.coco8.train: Unknown Ultralytics train key 'epochz'.*Valid keys"),
     (DOMAINS_YAML, {"epochz": 3}, r"the command line: Unknown Ultralytics train key 'epochz'"),

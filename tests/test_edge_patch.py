@@ -40,7 +40,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # name: (method configs, class names, quantize)
 CASES = {
     "lora_new_classes_bn": ([vp.LoraConfig(r=4), vp.NormStatsConfig()], NAMES, 32),  # BatchNorm moves: s' != s
-    "dora_same_classes": (vp.DoraConfig(r=8), None, 32),  # DoRA on the 80 class outputs too
+    "dora_same_classes": ([vp.DoraConfig(r=8), vp.ShiftConfig()], None, 32),  # DoRA on the 80 class outputs too;
+    # shift: BatchNorm biases move
     "dora_new_classes_fp16": (vp.DoraConfig(r=8), NAMES, 16),
     "dora_pissa_new_classes": (vp.DoraConfig(r=4, init="pissa"), NAMES, 32),  # rank-2r factors [B, -B0] [A; A0]
     "bottleneck_lora": ([vp.BottleneckConfig(), vp.LoraConfig(r=4)], NAMES, 32),  # extra nodes, wrapped convs

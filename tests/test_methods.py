@@ -541,6 +541,35 @@ def test_norm_stats_rejects_other_layers():
         wrap(nn.Conv2d(3, 8, 3), config_from_dict({"method": "norm_stats"}))
 
 
+# -- per-channel shift (BitFit) ------------------------------------------------------------------------------
+def test_shift_starts_at_the_base_trains_one_bias_and_merges_exactly():
+    bn = pretrained_bn()
+    base_state = {k: v.clone() for k, v in bn.state_dict().items()}
+    wrapper = wrap(bn, config_from_dict({"method": "shift"}))
+    adapter = wrapper.adapters["a"]
+    assert [n for n, p in adapter.named_parameters() if p.requires_grad] == ["bias"]
+    x = torch.randn(4, 8, 6, 6)
+    wrapper.eval()  # as the trainer keeps frozen BatchNorms
+    out = wrapper(x)
+    torch.testing.assert_close(out, bn(x), rtol=0, atol=0)  # zero start: the base exactly
+    out.square().sum().backward()  # a bias's gradient: the output gradient summed per channel
+    torch.testing.assert_close(adapter.bias.grad, (2 * out).sum((0, 2, 3)).detach())
+    with torch.no_grad():
+        adapter.bias.normal_()
+    wrapper.eval()
+    adapted = wrapper(x)
+    assert rel_err(adapted, bn.eval()(x)) > 1e-2
+    assert all(torch.equal(v, base_state[k]) for k, v in bn.state_dict().items())  # the base never moves
+    merged = copy.deepcopy(wrapper).merged().eval()
+    assert type(merged) is nn.BatchNorm2d
+    assert rel_err(merged(x), adapted) < 1e-6
+
+
+def test_shift_rejects_other_layers():
+    with pytest.raises(TypeError, match="BatchNorm"):
+        wrap(nn.Conv2d(3, 8, 3), config_from_dict({"method": "shift"}))
+
+
 def test_layers_accept_ranges():
     assert config_from_dict({"method": "lora", "layers": "5-8"}).layers == [5, 6, 7, 8]
     assert config_from_dict({"method": "dora", "layers": "0, 2, 9-10"}).layers == [0, 2, 9, 10]

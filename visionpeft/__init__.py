@@ -41,7 +41,15 @@ else:
         trainable_report,
     )
     from .io import AdapterFileError, load_adapter, read_adapter, save_adapter
-    from .methods import BottleneckConfig, DoraConfig, LoraConfig, NormStatsConfig, TrainableConfig, config_from_dict
+    from .methods import (
+        BottleneckConfig,
+        DoraConfig,
+        LoraConfig,
+        NormStatsConfig,
+        ShiftConfig,
+        TrainableConfig,
+        config_from_dict,
+    )
     from .models import load_base
 
 
@@ -64,6 +72,7 @@ __all__ = [
     "LoraConfig",
     "NormStatsConfig",
     "RankPlan",
+    "ShiftConfig",
     "TrainableConfig",
     "YOLO",
     "__version__",
