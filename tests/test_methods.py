@@ -536,9 +536,10 @@ def test_norm_stats_uses_its_statistics_in_eval_and_merges_exactly():
     assert rel_err(merged(x), adapted) < 1e-6
 
 
-def test_norm_stats_rejects_other_layers():
+@pytest.mark.parametrize("method", ["norm_stats", "shift"])
+def test_batchnorm_methods_reject_other_layers(method):
     with pytest.raises(TypeError, match="BatchNorm"):
-        wrap(nn.Conv2d(3, 8, 3), config_from_dict({"method": "norm_stats"}))
+        wrap(nn.Conv2d(3, 8, 3), config_from_dict({"method": method}))
 
 
 # -- per-channel shift (BitFit) ------------------------------------------------------------------------------
@@ -563,11 +564,6 @@ def test_shift_starts_at_the_base_trains_one_bias_and_merges_exactly():
     merged = copy.deepcopy(wrapper).merged().eval()
     assert type(merged) is nn.BatchNorm2d
     assert rel_err(merged(x), adapted) < 1e-6
-
-
-def test_shift_rejects_other_layers():
-    with pytest.raises(TypeError, match="BatchNorm"):
-        wrap(nn.Conv2d(3, 8, 3), config_from_dict({"method": "shift"}))
 
 
 def test_layers_accept_ranges():
