@@ -134,6 +134,32 @@ def test_single_path_is_the_adapter_plus_the_base_class_outputs_on_its_features(
         single_path_model(base("yolo11n.pt"), vp.merge(clash))
 
 
+def test_distillation_targets_are_the_untouched_base_and_only_the_adapter_learns(base, real_images):
+    from visionpeft.train.distill import BaseDistillLoss
+
+    model = base("yolo11n.pt")
+    vp.inject(model, vp.DoraConfig(r=4, alpha=8), adapter_name="plain", names=NAMES)
+    model.args = get_cfg()
+    loss = BaseDistillLoss(model, weight=2.0)
+    model.train()
+    vp.set_adapter(model, "plain")  # freezes the base again (and keeps its norms in eval mode)
+    at_init = loss.distill(model(real_images), real_images)
+    assert 0 <= at_init.item() < 1e-3  # DoRA at init is the base: the base's outputs are their own targets
+    randomize_adapters(model, seed=1)
+    batch = {"img": real_images[:2], "batch_idx": torch.tensor([0.0, 1.0]), "cls": torch.tensor([[0.0], [1.0]]),
+             "bboxes": torch.tensor([[0.5, 0.5, 0.2, 0.2], [0.3, 0.4, 0.1, 0.2]])}
+    total, items = loss(model(batch["img"]), batch)
+    assert list(items) == [*loss.det(model(batch["img"]), batch)[1], "kd_loss"] and items["kd_loss"] > 0.01
+    assert torch.allclose(total[-1], 2.0 * items["kd_loss"] * 2)  # weight x term x batch, as Ultralytics scales
+    total.sum().backward()
+    teacher = [p for p in loss.teacher.parameters()]
+    assert all(p.grad is None for p in teacher) and not any(p.requires_grad for p in teacher)
+    grads = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.any()}
+    assert grads and all(".adapters.plain." in n for n in grads)  # only the adapter moves
+    with pytest.raises(ValueError, match=r"peft.distill_base must be a number >= 0"):
+        PeftSpec(distill_base=-1)
+
+
 def test_adapter_file_round_trip_switching_and_the_untouched_base(base, real_images, tmp_path):
     model = keep_model(base)
     vp.inject(model, vp.LoraConfig(r=4), adapter_name="plain", names=NAMES)  # an ordinary adapter beside it
@@ -241,10 +267,11 @@ def test_keep_base_benchmark_at_a_tiny_budget(tiny_crops, tmp_path):
         "runs:\n  recipe: {peft: {methods: [{method: dora, r: 4, alpha: 8}]}}\n"
         "  keep_l0: {from: recipe, keep_base: true}\n"
         "  single: {from: recipe, keep_base: single}\n"
+        "  distill: {keep_base: single, peft: {methods: [{method: dora, r: 4, alpha: 8}], distill_base: 1.0}}\n"
         "  keep_l16: {peft: {keep_base: true, methods: [{method: dora, r: 4, alpha: 8, layers: 16-23}]}}\n")
     results = run_keep_benchmark(load_keep_config(cfg_file, {"project": str(tmp_path), "name": "kb"}))
     out = tmp_path / "kb"
-    assert list(results) == ["base", "recipe", "keep_l0", "single", "keep_l16"]
+    assert list(results) == ["base", "recipe", "keep_l0", "single", "distill", "keep_l16"]
     for name in ("results.json", "results.csv", "results.md", "keep_base.png"):
         assert (out / name).stat().st_size > 0, name
     base, recipe, l0, l16 = (results[k] for k in ("base", "recipe", "keep_l0", "keep_l16"))
@@ -260,8 +287,11 @@ def test_keep_base_benchmark_at_a_tiny_budget(tiny_crops, tmp_path):
     assert single["new_map50_95"] == pytest.approx(recipe["new_map50_95"], abs=0.01) and single["layer"] is None
     assert single["base_map50_95"] > 0 and single["onnx_mb"] == pytest.approx(base["onnx_mb"], rel=0.02)
     assert single["training"] == recipe["training"]
-    with pytest.raises(ValueError, match="keep_base is true, false or 'single'"):
-        load_keep_config(cfg_file, {"runs": {"r": {}, "s": {"keep_base": "single"}}})
+    distill = results["distill"]  # trained with the base's outputs as soft targets, measured as one path
+    assert distill["keep_base"] == "single" and distill["layer"] is None and distill["base_map50_95"] > 0
+    assert "train/kd_loss" in (out / "distill" / "results.csv").read_text().splitlines()[0]
+    with pytest.raises(ValueError, match="keep_base is true, false or 'single'"):  # one path from a branch adapter
+        load_keep_config(cfg_file, {"runs": {"k": {"keep_base": True}, "s": {"from": "k", "keep_base": "single"}}})
     assert "| keep_l16 | keep_base | 16 |" in (out / "results.md").read_text()
 
     # resumes: finished runs are kept

@@ -5,7 +5,8 @@ here: new-class mAP50-95 on the training dataset's val split, base-class mAP50-9
 (PyTorch and ONNX), ONNX size and onnxruntime CPU latency against the plain base's ONNX (timed in turn, 1 thread).
 A ``from: <run>`` entry trains nothing and measures that run's adapter in keep-base mode (``from: recipe`` with
 ``keep_base: true`` is the recipe at L = 0: two whole networks; with ``keep_base: single``, one path: the adapted
-layers feed the base's class outputs too, what a single path gives before any distillation). Plain adapters and
+layers feed the base's class outputs too, what a single path gives before any distillation); a run that trains
+with ``keep_base: single`` (e.g. with ``peft.distill_base``) is measured the same way. Plain adapters and
 full fine-tuning replace the base's class outputs: their base-class mAP is 0 by construction. The untouched base is
 the reference row.
 Results are saved after each run (``results.json``: the same command resumes); reports: :mod:`.keep_base_report`.
@@ -52,9 +53,10 @@ def load_keep_config(path: str | Path, overrides: dict | None = None) -> dict:
         if "from" in entry and entry["from"] not in list(runs)[:list(runs).index(name)]:
             raise ValueError(f"Run '{name}': from: {entry['from']!r} must name a run listed before it.")
         if entry.get("keep_base") not in (None, True, False, SINGLE) or (
-                entry.get("keep_base") == SINGLE and ("from" not in entry or keeps_base(runs[entry["from"]]))):
-            raise ValueError(f"Run '{name}': keep_base is true, false or '{SINGLE}' (with from: <a run without "
-                             f"keep_base>, whose adapter it measures in one path), not {entry.get('keep_base')!r}.")
+                entry.get("keep_base") == SINGLE and "from" in entry and keeps_base(runs[entry["from"]])):
+            raise ValueError(f"Run '{name}': keep_base is true, false or '{SINGLE}' (a plain adapter measured in one "
+                             f"path: its own, or that of from: <a run without keep_base>), not "
+                             f"{entry.get('keep_base')!r}.")
     if cfg.get("only"):
         keep = [n.strip() for n in str(cfg["only"]).split(",")]
         missing = sorted(set(keep) - set(runs))

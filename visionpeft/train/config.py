@@ -32,6 +32,7 @@ from ..inject import inject
 from ..methods import LoraConfig, config_from_dict
 from ..paths import find_file, resolve_weights
 from .augment import build_transforms, to_ultralytics
+from .distill import check_distill_base
 from .ema import check_ema_tau
 
 CONFIGS_DIR = settings.ROOT / "configs"
@@ -83,6 +84,8 @@ class PeftSpec:
     it) or ``uniform`` (the largest rank that fits everywhere).
     ``ema_tau``: the EMA's time constant in optimizer steps; ``auto`` scales it to the run (:mod:`.ema`), ``None``
     keeps Ultralytics' 2000, under which a short fine-tune's EMA is its last step's weights.
+    ``distill_base``: weight of a distillation from the untouched base (:mod:`.distill`) that keeps the base's class
+    outputs on the adapted features, for a single-path keep-base model; 0: off.
     """
 
     adapter_name: str = "default"
@@ -95,6 +98,7 @@ class PeftSpec:
     budget: str | None = None
     rank_plan: str = "gradient"
     ema_tau: float | str | None = None
+    distill_base: float = 0.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.adapter_name, str) or not self.adapter_name or "." in self.adapter_name:
@@ -114,6 +118,10 @@ class PeftSpec:
             check_plannable(self.methods or [])
         try:
             check_ema_tau(self.ema_tau)
+        except ValueError as e:
+            raise ValueError(f"peft.{e}") from None
+        try:
+            check_distill_base(self.distill_base)
         except ValueError as e:
             raise ValueError(f"peft.{e}") from None
         if self.rank_plan not in RANK_PLANS:

@@ -53,6 +53,7 @@ from ..models import build_detector, load_base
 from . import ddp, resume_state, runlock
 from .baseline import BaselineDetectionTrainer
 from .config import PeftSpec
+from .distill import BaseDistillLoss
 from .rank_probe import probe_losses
 
 SPEC_KEY = "train"  # model.visionpeft[SPEC_KEY]: the PeftSpec a checkpoint was trained with (for resume)
@@ -92,13 +93,24 @@ class PeftDetectionTrainer(BaselineDetectionTrainer):
             runlock.release(self.lock)
             raise
         for event, fn in (("on_train_epoch_start", PeftDetectionTrainer._epoch_started),
-                          ("on_train_batch_start", PeftDetectionTrainer._batch_started)):
+                          ("on_train_batch_start", PeftDetectionTrainer._batch_started),
+                          ("on_pretrain_routine_end", PeftDetectionTrainer._set_distillation)):
             if fn not in self.callbacks[event]:  # DDP workers get the launcher's callbacks, these included
                 self.add_callback(event, fn)
 
     @property
     def ema_tau(self) -> float | str | None:
         return self.peft.ema_tau  # the checkpoint's on resume (_adopt_checkpoint_spec)
+
+    def _set_distillation(self) -> None:
+        """Callback, after ``_setup_train`` copied the model into the EMA: the trained model's loss distills the
+        untouched base (``peft.distill_base``); the EMA keeps Ultralytics' loss for its validation."""
+        if self.peft.distill_base:
+            model = unwrap_model(self.model)
+            model.criterion = BaseDistillLoss(model, self.peft.distill_base)
+            if RANK in {-1, 0}:
+                LOGGER.info(f"visionpeft: distilling the untouched base's class scores and boxes "
+                            f"(weight {self.peft.distill_base:g}; loss item kd_loss)")
 
     # -- run folder --------------------------------------------------------------------------------------------
     def check_resume(self, overrides) -> None:

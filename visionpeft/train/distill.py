@@ -1,0 +1,84 @@
+"""Distillation from the untouched base (``peft.distill_base``): an adapter learns new classes while the base's
+class outputs, read from the *adapted* features, keep predicting what the base predicted.
+
+This is what a single-path keep-base model needs (``families.yolo_keep.single_path_model``: the base's class
+convs beside the adapter's, one network run): trained plainly, the adapted features cost the base classes most of
+their mAP (README, "Keep the base classes"). On the new dataset's images (no base-class data) the loss adds the
+base's own predictions as soft targets, as Ultralytics' detection loss weighs its terms:
+
+* class scores: BCE of the base class convs on the student's class features against the teacher's probabilities,
+  normalised by their sum (Ultralytics normalises its class loss by the target scores' sum), times ``hyp.cls``;
+* boxes: the DFL bin distributions of every anchor, KL to the teacher's, weighted by the teacher's top class
+  probability (where the base sees an object), times ``hyp.dfl``.
+
+The teacher is a copy of the model with no adapter active (the untouched base), run without gradients; it lives in
+the loss, not in the model, so checkpoints and the EMA never carry it (Ultralytics strips ``criterion`` on save).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..inject import set_adapter
+
+
+def check_distill_base(value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise ValueError(f"distill_base must be a number >= 0 (0: off; 1: the detection loss's own weights), "
+                         f"not {value!r}.")
+
+
+def untouched_copy(model: nn.Module) -> nn.Module:
+    """A frozen, eval-mode copy of ``model`` with no adapter active: the base it was built on."""
+    teacher = copy.deepcopy(model)
+    teacher.criterion = None
+    set_adapter(teacher, None)
+    return teacher.eval().requires_grad_(False)
+
+
+class BaseDistillLoss:
+    """Ultralytics' detection loss of ``model`` plus ``weight`` x the distillation terms (module docstring); loss
+    items gain ``kd_loss``."""
+
+    def __init__(self, model: nn.Module, weight: float) -> None:
+        check_distill_base(weight)
+        head = model.model[-1]
+        if getattr(head, "one2one_cv2", None) is not None or not hasattr(head, "cv3"):
+            raise ValueError("distill_base needs a YOLO head with NMS (YOLOv5u, v8, 11), not an end-to-end one.")
+        self.det = model.init_criterion()
+        self.teacher = untouched_copy(model)
+        self.head, self.weight = head, float(weight)
+        self.base_cls = [branch[-1] for branch in self.teacher.model[-1].cv3]  # the base's class-output convs
+        self.hyp = self.det.hyp
+
+    def __call__(self, preds, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        loss, items = self.det(preds, batch)
+        raw = self.det.parse_output(preds)
+        kd = self.distill(raw, batch["img"])
+        items = {**items, "kd_loss": kd.detach()}
+        return torch.cat((loss, (self.weight * kd * batch["img"].shape[0]).view(1))), items
+
+    def distill(self, raw: dict[str, torch.Tensor], img: torch.Tensor) -> torch.Tensor:
+        """The distillation terms for one batch, given the student's raw head outputs (``boxes``, ``feats``)."""
+        with torch.no_grad():
+            out = self.teacher(img)
+            target = out[1] if isinstance(out, tuple) else out
+            t_prob = target["scores"].sigmoid()  # (B, nc_base, A)
+        bs = img.shape[0]
+        logits = torch.cat([conv(branch[:-1](x)).view(bs, conv.out_channels, -1)
+                            for conv, branch, x in zip(self.base_cls, self.head.cv3, raw["feats"], strict=True)], -1)
+        bce = F.binary_cross_entropy_with_logits(logits, t_prob, reduction="none")
+        entropy = F.binary_cross_entropy(t_prob, t_prob, reduction="none")  # the BCE at a perfect match: loss 0 there
+        cls = (bce - entropy).sum() / t_prob.sum().clamp(min=1.0)
+
+        reg = self.head.reg_max
+        s_log = raw["boxes"].view(bs, 4, reg, -1).log_softmax(2)
+        t_log = target["boxes"].view(bs, 4, reg, -1).log_softmax(2)
+        kl = (t_log.exp() * (t_log - s_log)).sum(2).mean(1)  # (B, A): mean over the 4 sides
+        w = t_prob.amax(1)
+        box = (kl * w).sum() / w.sum().clamp(min=1.0)
+        return self.hyp.cls * cls + self.hyp.dfl * box
