@@ -6,13 +6,15 @@ import csv
 import json
 
 import pytest
+import yaml
 
 from visionpeft.bench import load_bench_config, run_benchmark
+from visionpeft.bench.class_scores import main as class_scores_main
 from visionpeft.bench.runner import run_config
 from visionpeft.train.config import load_config
 
 
-def test_benchmark_reports_and_resumes(tmp_path):
+def test_benchmark_reports_and_resumes(tmp_path, capsys):
     cfg = load_bench_config("bench_smoke.yaml", {"project": str(tmp_path), "only": "full,lora_r4"})
     results = run_benchmark(cfg)
     out = tmp_path / "smoke"
@@ -39,6 +41,27 @@ def test_benchmark_reports_and_resumes(tmp_path):
     run_benchmark(more)
     assert (out / "full" / "weights" / "best.pt").stat().st_mtime_ns == done
     assert list(json.loads((out / "results.json").read_text())) == ["full", "lora_r4", "head_only"]
+
+    # where each run's mAP goes: per-class confidence on true objects and on background (scripts/class_scores.py)
+    assert class_scores_main([str(out / "full"), str(out / "lora_r4")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    for run in ("full", "lora_r4"):  # one row per class of the run's dataset, from the run's merged model
+        rows = [line for line in lines if line.startswith(str(out / run) + " class=")]
+        assert len(rows) == len(yaml.safe_load((out / run / "dataset.yaml").read_text())["names"]), lines
+
+
+def test_class_scores_of_the_pretrained_base_on_coco8(base):
+    from visionpeft.bench.class_scores import class_scores, summary
+
+    scores = class_scores(base("yolo11n.pt"), "coco8.yaml", imgsz=640)
+    rows = {r["class"]: r for r in summary(scores)}
+    assert len(rows) == 80 and sum(r["gt"] for r in rows.values()) == 17  # coco8 val: 4 images, 17 boxes
+    person, umbrella, plant = rows["person"], rows["umbrella"], rows["potted plant"]
+    assert person["gt"] == 10 and 4 <= person["found_0.25"] <= 7  # big people found, the bus's small ones not
+    assert umbrella["gt"] == 1 and umbrella["median_best"] > 0.8  # one large umbrella, found with confidence
+    assert plant["gt"] == 1 and plant["found_0.25"] == 0  # a potted plant the base barely sees
+    assert all(0 <= s <= 1 for s in scores["person"]["best"] + scores["person"]["background"])
+    assert rows["toothbrush"]["gt"] == 0 and rows["toothbrush"]["background_0.25"] == 0
 
 
 def test_benchmark_config_errors(tmp_path):
