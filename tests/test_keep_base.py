@@ -83,8 +83,10 @@ def test_a_new_name_equal_to_a_base_name_is_a_one_line_error(base, tmp_path):
     assert not hasattr(model, "visionpeft") and not any(type(m).__name__ == "AdaptedModule" for m in model.modules())
     with pytest.raises(ValueError, match="pass the new class names"):
         vp.inject(model, vp.DoraConfig(r=4), keep_base=True)  # no new classes to keep the base's beside
-    with pytest.raises(ValueError, match="keep_base must be true or false"):
+    with pytest.raises(ValueError, match="keep_base must be true, false or 'head'"):
         PeftSpec(keep_base="yes")
+    with pytest.raises(ValueError, match="keep_base must be True, False or 'head'"):
+        vp.inject(model, vp.DoraConfig(r=4), names=NAMES, keep_base="trunk")
     # a config is checked before any run folder is made: coco8's classes are COCO's own
     config = load_config("crops_keep.yaml", {"data": "coco8.yaml", "project": str(tmp_path)})
     with pytest.raises(ValueError, match="the base's own classes"):
@@ -134,13 +136,14 @@ def test_single_path_is_the_adapter_plus_the_base_class_outputs_on_its_features(
         single_path_model(base("yolo11n.pt"), vp.merge(clash))
 
 
-def test_distillation_targets_are_the_untouched_base_and_only_the_adapter_learns(base, real_images):
+@pytest.mark.parametrize("keep", [False, "head"])  # one path; the base's whole head on the shared adapted trunk
+def test_distillation_targets_are_the_untouched_base_and_only_the_adapter_learns(base, real_images, keep):
     from visionpeft.train.distill import BaseDistillLoss
 
     model = base("yolo11n.pt")
-    vp.inject(model, vp.DoraConfig(r=4, alpha=8), adapter_name="plain", names=NAMES)
+    vp.inject(model, vp.DoraConfig(r=4, alpha=8), adapter_name="plain", names=NAMES, keep_base=keep)
     model.args = get_cfg()
-    loss = BaseDistillLoss(model, weight=2.0)
+    loss = BaseDistillLoss(model, weight=2.0, whole_head=keep == "head")
     model.train()
     vp.set_adapter(model, "plain")  # freezes the base again (and keeps its norms in eval mode)
     at_init = loss.distill(model(real_images), real_images)
@@ -158,6 +161,33 @@ def test_distillation_targets_are_the_untouched_base_and_only_the_adapter_learns
     assert grads and all(".adapters.plain." in n for n in grads)  # only the adapter moves
     with pytest.raises(ValueError, match=r"peft.distill_base must be a number >= 0"):
         PeftSpec(distill_base=-1)
+
+
+def test_shared_trunk_doubles_only_the_head(base, real_images, tmp_path):
+    model = base("yolo11n.pt")
+    vp.inject(model, vp.DoraConfig(r=4, alpha=8), adapter_name="shared", names=NAMES, keep_base="head")
+    assert model.visionpeft["adapters"]["shared"]["keep_base"] == {"layer": 23, "base_classes": 80, "trunk": "shared"}
+    y_base = decoded(base("yolo11n.pt"), real_images)
+    anchors = y_base.shape[2]
+    at_init = vp.merge(model)  # DoRA at init: the trunk is the base's, so the base classes are the base's
+    assert len(at_init.model) == len(base("yolo11n.pt").model)  # one trunk, run once; only the head is doubled
+    assert at_init.keep_base == {"layer": 23, "base_classes": 80, "trunk": "shared"}
+    assert max_rel_diff([decoded(at_init, real_images)[:, :84, :anchors]], [y_base]) < 1e-4  # merge rounding
+    randomize_adapters(model, seed=1)
+    merged, branch = vp.merge(model), merge_(copy.deepcopy(model))
+    y, y_new = decoded(merged, real_images), decoded(branch, real_images)
+    assert y.shape == (len(real_images), 4 + 82, 2 * anchors)
+    assert max_rel_diff([y[:, :4, anchors:], y[:, 84:, anchors:]], [y_new[:, :4], y_new[:, 4:]]) < 1e-5  # the adapter
+    base_head = copy.deepcopy(base("yolo11n.pt").model[-1])  # the base classes: the base's head on the adapted trunk
+    trunk = copy.deepcopy(branch)
+    trunk.model[-1] = base_head
+    base_head.i, base_head.f = branch.model[-1].i, branch.model[-1].f
+    assert max_rel_diff([y[:, :84, :anchors]], [decoded(trunk, real_images)]) < 1e-5
+    assert max_rel_diff([y[:, :84, :anchors]], [y_base]) > 1e-3  # not the base's: what distillation has to keep
+    path = vp.save_adapter(model, tmp_path / "shared.safetensors")  # the mode survives the file
+    loaded = vp.load_adapter(base("yolo11n.pt"), path)
+    assert loaded.visionpeft["adapters"]["shared"]["keep_base"]["trunk"] == "shared"
+    assert torch.equal(decoded(vp.merge(loaded), real_images), y)
 
 
 def test_adapter_file_round_trip_switching_and_the_untouched_base(base, real_images, tmp_path):
@@ -268,10 +298,11 @@ def test_keep_base_benchmark_at_a_tiny_budget(tiny_crops, tmp_path):
         "  keep_l0: {from: recipe, keep_base: true}\n"
         "  single: {from: recipe, keep_base: single}\n"
         "  distill: {keep_base: single, peft: {methods: [{method: dora, r: 4, alpha: 8}], distill_base: 1.0}}\n"
+        "  head: {peft: {keep_base: head, methods: [{method: dora, r: 4, alpha: 8}], distill_base: 1.0}}\n"
         "  keep_l16: {peft: {keep_base: true, methods: [{method: dora, r: 4, alpha: 8, layers: 16-23}]}}\n")
     results = run_keep_benchmark(load_keep_config(cfg_file, {"project": str(tmp_path), "name": "kb"}))
     out = tmp_path / "kb"
-    assert list(results) == ["base", "recipe", "keep_l0", "single", "distill", "keep_l16"]
+    assert list(results) == ["base", "recipe", "keep_l0", "single", "distill", "head", "keep_l16"]
     for name in ("results.json", "results.csv", "results.md", "keep_base.png"):
         assert (out / name).stat().st_size > 0, name
     base, recipe, l0, l16 = (results[k] for k in ("base", "recipe", "keep_l0", "keep_l16"))
@@ -290,6 +321,10 @@ def test_keep_base_benchmark_at_a_tiny_budget(tiny_crops, tmp_path):
     distill = results["distill"]  # trained with the base's outputs as soft targets, measured as one path
     assert distill["keep_base"] == "single" and distill["layer"] is None and distill["base_map50_95"] > 0
     assert "train/kd_loss" in (out / "distill" / "results.csv").read_text().splitlines()[0]
+    head = results["head"]  # the trunk shared and distilled, the head doubled: 82 classes, one trunk
+    assert head["layer"] == 23 and head["base_map50_95"] > 0 and head["base_map50_95_onnx"] > 0
+    assert head["new_map50_95"] >= 0 and base["onnx_mb"] < head["onnx_mb"] < l16["onnx_mb"]
+    assert "train/kd_loss" in (out / "head" / "results.csv").read_text().splitlines()[0]
     with pytest.raises(ValueError, match="keep_base is true, false or 'single'"):  # one path from a branch adapter
         load_keep_config(cfg_file, {"runs": {"k": {"keep_base": True}, "s": {"from": "k", "keep_base": "single"}}})
     assert "| keep_l16 | keep_base | 16 |" in (out / "results.md").read_text()

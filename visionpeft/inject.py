@@ -22,6 +22,8 @@ from .methods import AdaptedModule, AdapterConfig, config_from_dict
 from .methods.trainable import TrainableCopy
 from .modules import STATE_ATTR, adapted_modules, base_named_modules, replace_module
 
+SHARED_TRUNK = "head"  # keep_base mode: only the head is doubled; the adapted trunk feeds both heads
+
 
 def peft_state(model: nn.Module) -> dict:
     """The adapter bookkeeping of an injected model: ``{"family", "fingerprint", "active", "adapters": {...}}``."""
@@ -98,7 +100,7 @@ def inject(
     configs: AdapterConfig | Sequence[AdapterConfig | dict],
     adapter_name: str = "default",
     names: dict[int, str] | Sequence[str] | None = None,
-    keep_base: bool = False,
+    keep_base: bool | str = False,
 ) -> nn.Module:
     """Add adapter ``adapter_name`` to ``model`` in place, activate it and freeze everything else.
 
@@ -106,8 +108,13 @@ def inject(
     the class names of the task (detectors): when they differ from the model's, the family re-initialises the
     class outputs as trainable modules of this adapter. ``keep_base`` (detectors): ``merge`` then keeps the base
     classes beside ``names`` (base names first), running the base's layers from the lowest adapted one on beside
-    their adapted copies; a new name equal to a base name is an error.
+    their adapted copies; a new name equal to a base name is an error. ``keep_base="head"``: the adapted layers
+    below the head are shared (one trunk, run once, feeding the base's head too) and only the head is doubled, so
+    the base classes are the base head's on the adapted features (train with ``distill_base`` to keep them).
     """
+    if not (isinstance(keep_base, bool) or keep_base == SHARED_TRUNK):
+        raise ValueError(f"keep_base must be True, False or '{SHARED_TRUNK}' (the head doubled, the adapted trunk "
+                         f"shared), not {keep_base!r}.")
     configs = [configs] if isinstance(configs, AdapterConfig) else list(configs)
     family = family_of(model)
     configs = [family.with_defaults(config_from_dict(c) if isinstance(c, dict) else c) for c in configs]
@@ -128,7 +135,8 @@ def inject(
                 plan[name] = (module, wrapper, config)
     if not plan:
         raise ValueError(f"No module of the model matches the adapter targets {[c.to_dict() for c in configs]}.")
-    start = family.keep_base_start(model, names, list(plan)) if keep_base else None  # checked before any change
+    start = (family.keep_base_start(model, names, list(plan), shared_trunk=keep_base == SHARED_TRUNK)
+             if keep_base else None)  # checked before any change
 
     shaped = {n for n, (_, _, c) in plan.items() if getattr(c, "needs_shapes", False)}
     shapes = _probe_shapes(model, family, shaped) if shaped else {}
@@ -156,7 +164,8 @@ def inject(
     }
     if start is not None:  # recorded in adapter files: the mode and where the branch leaves the base
         base_classes = len(state.get("base_names") or getattr(model, "names", None) or {})
-        state["adapters"][adapter_name]["keep_base"] = {"layer": start, "base_classes": base_classes}
+        state["adapters"][adapter_name]["keep_base"] = {"layer": start, "base_classes": base_classes,
+                                                        **({"trunk": "shared"} if keep_base == SHARED_TRUNK else {})}
     setattr(model, STATE_ATTR, state)
     family.on_inject(model)
     set_adapter(model, adapter_name)
@@ -249,6 +258,11 @@ def merge(model: nn.Module) -> nn.Module:
     return merged if keep_base_layer(model) is None else with_base(model, merged)
 
 
+def keep_base_mode(record: dict | None) -> bool | str:
+    """The ``keep_base`` argument of :func:`inject` that an adapter's ``keep_base`` record stands for."""
+    return (SHARED_TRUNK if record.get("trunk") == "shared" else True) if record else False
+
+
 def keep_base_layer(model: nn.Module) -> int | None:
     """Where the active adapter's branch leaves the base, if it keeps the base classes (``keep_base``); else None."""
     state = getattr(model, STATE_ATTR, None)
@@ -262,9 +276,11 @@ def with_base(model: nn.Module, branch: nn.Module) -> nn.Module:
     start = keep_base_layer(model)
     if start is None:
         raise ValueError("The active adapter does not keep the base classes (inject it with keep_base=True).")
+    state = peft_state(model)
+    shared = keep_base_mode(state["adapters"][state["active"]]["keep_base"]) == SHARED_TRUNK
     base = copy.deepcopy(model)
     set_adapter(base, None)
-    return family_of(model).keep_base_model(merge_(base), branch, start)
+    return family_of(model).keep_base_model(merge_(base), branch, start, shared_trunk=shared)
 
 
 @dataclass

@@ -21,7 +21,15 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as save_bytes
 from torch import nn
 
-from .inject import adapted_modules, delete_adapter, fingerprint, inject, peft_state, set_adapter
+from .inject import (
+    adapted_modules,
+    delete_adapter,
+    fingerprint,
+    inject,
+    keep_base_mode,
+    peft_state,
+    set_adapter,
+)
 from .version import __version__
 
 FORMAT = "visionpeft.adapter.v1"
@@ -197,7 +205,7 @@ def load_adapter(model: nn.Module, path: str | Path, adapter_name: str | None = 
     check_fingerprint(model, meta, path)
     name = adapter_name or meta["adapter_name"]
     previous = getattr(model, "visionpeft", {}).get("active")
-    keep_base = bool(meta.get("keep_base")) if keep_base is None else keep_base
+    keep_base = keep_base_mode(meta.get("keep_base")) if keep_base is None else keep_base
     inject(model, meta["configs"], adapter_name=name, names=meta.get("names"), keep_base=keep_base)
     try:
         load_adapter_tensors(model, tensors, name, source=f"'{path}'")

@@ -87,7 +87,9 @@ def _model(run_dir: Path, kind: str, base: str, keep: bool | str):
 
     if kind != "peft":
         return vp.load_base(run_dir / "weights" / "best.pt")
-    model = vp.load_adapter(vp.load_base(base), run_dir / "weights" / "best.safetensors", keep_base=keep is True)
+    file = run_dir / "weights" / "best.safetensors"
+    recorded = vp.read_adapter(file)[1].get("keep_base")  # the mode it trained in; else keep_base: true measures
+    model = vp.load_adapter(vp.load_base(base), file, keep_base=None if recorded else keep is True)  # it at L=0
     if keep == SINGLE:
         from ..families.yolo_keep import single_path_model
 

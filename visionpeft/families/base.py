@@ -45,13 +45,15 @@ class Family:
             f"a {type(model).__name__} takes. Use a supported model family (YOLO, timm ViT)."
         )
 
-    def keep_base_start(self, model: nn.Module, names: dict[int, str] | None, targets: list[str]) -> int:
+    def keep_base_start(self, model: nn.Module, names: dict[int, str] | None, targets: list[str],
+                        shared_trunk: bool = False) -> int:
         """Check that ``model`` can keep its classes beside ``names`` (``keep_base``); where the branch starts."""
         raise ValueError(f"keep_base works on YOLO detectors; a {self.name} model has no class outputs to keep. "
                          "Train without keep_base.")
 
-    def keep_base_model(self, base: nn.Module, branch: nn.Module, start: int) -> nn.Module:
-        """One model computing the plain ``base`` and ``branch`` (changed from layer ``start`` on) side by side."""
+    def keep_base_model(self, base: nn.Module, branch: nn.Module, start: int, shared_trunk: bool = False) -> nn.Module:
+        """One model computing the plain ``base`` and ``branch`` (changed from layer ``start`` on) side by side;
+        ``shared_trunk``: layers below ``start`` are the branch's, feeding both."""
         raise ValueError(f"keep_base works on YOLO detectors, not on a {self.name} model.")
 
     def on_inject(self, model: nn.Module) -> None:

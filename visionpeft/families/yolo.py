@@ -102,7 +102,8 @@ class YoloFamily(Family):
         p = next(model.parameters())
         return torch.zeros(1, model.yaml.get("channels", 3), 64, 64, device=p.device, dtype=p.dtype)
 
-    def keep_base_start(self, model: nn.Module, names: dict[int, str] | None, targets: list[str]) -> int:
+    def keep_base_start(self, model: nn.Module, names: dict[int, str] | None, targets: list[str],
+                        shared_trunk: bool = False) -> int:
         from . import yolo
         from .yolo_keep import branch_start, check_keep_base
 
@@ -111,12 +112,12 @@ class YoloFamily(Family):
                              f"{type(model).__name__}; train without keep_base.")
         base_names = getattr(model, "visionpeft", {}).get("base_names") or model.names
         check_keep_base(model, {int(k): v for k, v in base_names.items()}, names)
-        return branch_start(targets)
+        return len(model.model) - 1 if shared_trunk else branch_start(targets)  # shared: the head alone doubled
 
-    def keep_base_model(self, base: nn.Module, branch: nn.Module, start: int) -> nn.Module:
+    def keep_base_model(self, base: nn.Module, branch: nn.Module, start: int, shared_trunk: bool = False) -> nn.Module:
         from .yolo_keep import keep_base_model
 
-        return keep_base_model(base, branch, start)
+        return keep_base_model(base, branch, start, shared_trunk)
 
     def on_inject(self, model: nn.Module) -> None:
         state = model.visionpeft

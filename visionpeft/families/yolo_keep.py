@@ -6,6 +6,8 @@ classes, exactly the base model's outputs) and the adapted copies of them (the n
 outputs), and joins the two decoded outputs along the anchor axis, each padded with zero scores for the other's
 classes: ``(B, 4 + nc_base + nc_new, A_base + A_new)``. Ultralytics' NMS works per class, so the base classes
 keep the base model's detections (up to the shared ``max_det`` cap) and the new ones the adapter's.
+With ``keep_base="head"``, L is the head and the adapted layers below it are a shared trunk: only the head is
+doubled, and the base classes are the base head's on adapted features (kept by distillation, not exactly).
 
 Built from Ultralytics' own layer bookkeeping (``m.i``, ``m.f``, ``model.save``, as ``parse_model`` sets them),
 so fusion, ``info``, the exporter and ``AutoBackend`` treat it as any detector; ``model.model[-1]`` is a ``Detect``
@@ -118,10 +120,14 @@ class KeepBaseDetectionModel(LayerRouting, DetectionModel):
         view = SimpleNamespace(args=self.args, model=[self.model[-1].branch], parameters=self.parameters)
         return v8DetectionLoss(view)
 
+    shared_trunk = False  # set by keep_base_model
+
     @property
     def keep_base(self) -> dict:
-        """``{"layer": L, "base_classes": n}``: where the branch starts, how many classes come first."""
-        return {"layer": self.branch_layer, "base_classes": self.model[-1].nc_base}
+        """``{"layer": L, "base_classes": n}``: where the branch starts, how many classes come first (and
+        ``"trunk": "shared"`` when the layers below L are adapted and feed both)."""
+        return {"layer": self.branch_layer, "base_classes": self.model[-1].nc_base,
+                **({"trunk": "shared"} if self.shared_trunk else {})}
 
 
 def _branch_f(f, j: int, start: int, offset: int):
@@ -134,14 +140,18 @@ def _branch_f(f, j: int, start: int, offset: int):
     return k if k < start else k + offset
 
 
-def keep_base_model(base: DetectionModel, branch: DetectionModel, start: int) -> KeepBaseDetectionModel:
+def keep_base_model(base: DetectionModel, branch: DetectionModel, start: int,
+                    shared_trunk: bool = False) -> KeepBaseDetectionModel:
     """``base`` (plain) and ``branch`` (the same architecture, changed from layer ``start`` on; merged, or with
-    adapters for a reference) as one model with ``base.names`` followed by ``branch.names``. Inputs are copied."""
+    adapters for a reference) as one model with ``base.names`` followed by ``branch.names``. Inputs are copied.
+    ``shared_trunk``: the trunk (layers below ``start``) is the branch's, adapted, and the base's layers from
+    ``start`` on read it (``keep_base="head"``: only the head is doubled)."""
     head = len(base.model) - 1
     if not 0 <= start <= head:
         raise ValueError(f"The branch start {start} is not a layer of this {head + 1}-layer model.")
     offset = head - start  # branch layer j sits at index j + offset, after the base's layers 0..head-1
-    layers = [copy.deepcopy(m) for m in base.model[:head]]
+    layers = [copy.deepcopy(m) for m in (branch if shared_trunk else base).model[:start]]
+    layers += [copy.deepcopy(m) for m in base.model[start:head]]
     for j in range(start, head):
         m = copy.deepcopy(branch.model[j])
         m.i, m.f = j + offset, _branch_f(m.f, j, start, offset)
@@ -160,7 +170,7 @@ def keep_base_model(base: DetectionModel, branch: DetectionModel, start: int) ->
                          if isinstance(k, int) and k >= 0})
     model.names = {i: n for i, n in enumerate([*base.names.values(), *branch.names.values()])}
     model.yaml = {**base.yaml, "nc": len(model.names)}
-    model.branch_layer = start
+    model.branch_layer, model.shared_trunk = start, shared_trunk
     model.criterion = None
     model.__dict__.pop("visionpeft", None)
     forget_checkpoint_path(model)

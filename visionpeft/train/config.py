@@ -28,7 +28,7 @@ from torch import nn
 from .. import settings
 from ..budget import RANK_PLANS, check_plannable, parse_budget
 from ..datasets import load_dataset
-from ..inject import inject
+from ..inject import SHARED_TRUNK, inject
 from ..methods import LoraConfig, config_from_dict
 from ..paths import find_file, resolve_weights
 from .augment import build_transforms, to_ultralytics
@@ -77,7 +77,8 @@ class PeftSpec:
     LoRA/DoRA up-projections (``lora_B``) learn this many times faster than the rest of the adapter.
     ``keep_base``: the merged model keeps the base classes beside the new ones (base names first); the adapter
     trains as usual, and its lowest adapted layer (set with the methods' ``layers``) is where the merged model's
-    branch leaves the base (:func:`visionpeft.inject.with_base`).
+    branch leaves the base (:func:`visionpeft.inject.with_base`); ``"head"``: only the head is doubled, the adapted
+    layers below it are shared by both heads (one trunk run; pair it with ``distill_base``).
     ``budget``: plan the LoRA/DoRA ranks per layer to fit ``"5%"`` of the task model's parameters or an adapter
     file of ``"250KB"`` (:mod:`visionpeft.budget`); the methods' ranks become the planner's middle, a layer may get
     up to twice as much or none. ``rank_plan``: ``gradient`` (rank where the first batches' weight gradients need
@@ -94,7 +95,7 @@ class PeftSpec:
     lr_mult: float = 1.0
     full_lr_mult: float | None = None
     loraplus_lr_ratio: float = 1.0
-    keep_base: bool = False
+    keep_base: bool | str = False
     budget: str | None = None
     rank_plan: str = "gradient"
     ema_tau: float | str | None = None
@@ -111,8 +112,9 @@ class PeftSpec:
                 continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 raise ValueError(f"peft.{key} must be a positive number, not {value!r}.")
-        if not isinstance(self.keep_base, bool):
-            raise ValueError(f"peft.keep_base must be true or false, not {self.keep_base!r}.")
+        if not (isinstance(self.keep_base, bool) or self.keep_base == SHARED_TRUNK):
+            raise ValueError(f"peft.keep_base must be true, false or '{SHARED_TRUNK}' (only the head doubled: the "
+                             f"adapted trunk is shared, train with distill_base), not {self.keep_base!r}.")
         if self.budget is not None:
             parse_budget(self.budget)
             check_plannable(self.methods or [])
@@ -154,7 +156,7 @@ class PeftSpec:
     def configs(self) -> list[dict]:
         extra = [{"method": "trainable", "target_types": ["BatchNorm2d"]}] if self.bn == "train" else []
         layers = [m.get("layers") for m in self.methods]
-        if extra and self.keep_base and all(layers):  # trainable BatchNorms only where the branch is
+        if extra and self.keep_base is True and all(layers):  # trainable BatchNorms only where the branch is
             extra[0]["layers"] = sorted(set().union(*(config_from_dict(m).layers for m in self.methods)))
         return [*self.methods, *extra]
 

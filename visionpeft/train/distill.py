@@ -42,16 +42,17 @@ def untouched_copy(model: nn.Module) -> nn.Module:
 
 class BaseDistillLoss:
     """Ultralytics' detection loss of ``model`` plus ``weight`` x the distillation terms (module docstring); loss
-    items gain ``kd_loss``."""
+    items gain ``kd_loss``. ``whole_head``: the student's base outputs are the base's whole head on the adapted
+    trunk's features (``keep_base="head"``), else the base's class convs in the adapted head (one path)."""
 
-    def __init__(self, model: nn.Module, weight: float) -> None:
+    def __init__(self, model: nn.Module, weight: float, whole_head: bool = False) -> None:
         check_distill_base(weight)
         head = model.model[-1]
         if getattr(head, "one2one_cv2", None) is not None or not hasattr(head, "cv3"):
             raise ValueError("distill_base needs a YOLO head with NMS (YOLOv5u, v8, 11), not an end-to-end one.")
         self.det = model.init_criterion()
         self.teacher = untouched_copy(model)
-        self.head, self.weight = head, float(weight)
+        self.head, self.weight, self.whole_head = head, float(weight), whole_head
         self.base_cls = [branch[-1] for branch in self.teacher.model[-1].cv3]  # the base's class-output convs
         self.hyp = self.det.hyp
 
@@ -69,14 +70,20 @@ class BaseDistillLoss:
             target = out[1] if isinstance(out, tuple) else out
             t_prob = target["scores"].sigmoid()  # (B, nc_base, A)
         bs = img.shape[0]
-        logits = torch.cat([conv(branch[:-1](x)).view(bs, conv.out_channels, -1)
-                            for conv, branch, x in zip(self.base_cls, self.head.cv3, raw["feats"], strict=True)], -1)
+        if self.whole_head:  # keep_base "head": the base's own head reads the shared, adapted trunk
+            base_head = self.teacher.model[-1]
+            student = base_head.forward_head(raw["feats"], **base_head.one2many)
+            logits, boxes = student["scores"], student["boxes"]
+        else:  # one path: the base's class convs on the adapted class features, the adapted boxes
+            pairs = zip(self.base_cls, self.head.cv3, raw["feats"], strict=True)
+            logits = torch.cat([conv(branch[:-1](x)).view(bs, conv.out_channels, -1) for conv, branch, x in pairs], -1)
+            boxes = raw["boxes"]
         bce = F.binary_cross_entropy_with_logits(logits, t_prob, reduction="none")
         entropy = F.binary_cross_entropy(t_prob, t_prob, reduction="none")  # the BCE at a perfect match: loss 0 there
         cls = (bce - entropy).sum() / t_prob.sum().clamp(min=1.0)
 
         reg = self.head.reg_max
-        s_log = raw["boxes"].view(bs, 4, reg, -1).log_softmax(2)
+        s_log = boxes.view(bs, 4, reg, -1).log_softmax(2)
         t_log = target["boxes"].view(bs, 4, reg, -1).log_softmax(2)
         kl = (t_log.exp() * (t_log - s_log)).sum(2).mean(1)  # (B, A): mean over the 4 sides
         w = t_prob.amax(1)
