@@ -11,6 +11,7 @@ benchmark ("an under-confident crop class"):
 from __future__ import annotations
 
 import argparse
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -20,7 +21,6 @@ import yaml
 from torch import nn
 
 IOU = 0.5
-IMAGES = {".jpg", ".jpeg", ".png", ".bmp"}
 
 
 def run_model(run_dir: str | Path) -> nn.Module:
@@ -36,27 +36,20 @@ def run_model(run_dir: str | Path) -> nn.Module:
     return vp.load_base(run_dir / "weights" / "best.pt")
 
 
-def _xyxy(labels: np.ndarray, w: int, h: int) -> torch.Tensor:
-    xywh = torch.from_numpy(labels[:, 1:5]).double() * torch.tensor([w, h, w, h], dtype=torch.float64)
-    return torch.cat((xywh[:, :2] - xywh[:, 2:] / 2, xywh[:, :2] + xywh[:, 2:] / 2), 1)
-
-
 def class_scores(model: nn.Module, data: str | Path, imgsz: int, conf: float = 0.001) -> dict[str, dict]:
     """Per class of ``data`` (a data YAML): ``best`` (one score per ground-truth box) and ``background`` scores."""
     from ultralytics.data.utils import img2label_paths
     from ultralytics.utils.metrics import box_iou
+    from ultralytics.utils.ops import xywh2xyxy
 
     import visionpeft as vp
 
-    from ..datasets import load_dataset
+    from ..datasets import load_dataset, resolve_dataset
+    from ..export.images import split_images
 
-    info, source = load_dataset(data)
-    root = Path(info.get("path") or source.parent)
-    val = Path(info["val"]) if Path(info["val"]).is_absolute() else root / info["val"]
-    if val.suffix == ".txt":  # a list of image files, relative to the list's folder (as Ultralytics reads it)
-        files = [(val.parent / line.strip()).resolve() for line in val.read_text().splitlines() if line.strip()]
-    else:
-        files = sorted(p for p in val.rglob("*") if p.suffix.lower() in IMAGES)
+    with tempfile.TemporaryDirectory(prefix="visionpeft-scores-") as tmp:
+        files = split_images(resolve_dataset(data, tmp), "val")
+    info = load_dataset(data)[0]
     names = {int(k): v for k, v in info["names"].items()}
     out = {n: {"best": [], "background": []} for n in names.values()}
     detector = vp.YOLO(model)
@@ -65,7 +58,8 @@ def class_scores(model: nn.Module, data: str | Path, imgsz: int, conf: float = 0
         h, w = r.orig_shape
         gt = np.loadtxt(label, ndmin=2) if Path(label).is_file() and Path(label).stat().st_size else np.zeros((0, 5))
         boxes, scores, cls = r.boxes.xyxy.cpu().double(), r.boxes.conf.cpu().numpy(), r.boxes.cls.cpu().numpy()
-        iou = box_iou(_xyxy(gt, w, h), boxes).numpy() if len(gt) and len(boxes) else np.zeros((len(gt), len(boxes)))
+        gt_boxes = xywh2xyxy(torch.from_numpy(gt[:, 1:5]).double() * torch.tensor([w, h, w, h], dtype=torch.float64))
+        iou = box_iou(gt_boxes, boxes).numpy() if len(gt) and len(boxes) else np.zeros((len(gt), len(boxes)))
         for c, name in names.items():
             same = iou[gt[:, 0] == c][:, cls == c]  # this class's ground truth x this class's predictions
             for row in same:

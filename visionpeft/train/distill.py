@@ -54,7 +54,6 @@ class BaseDistillLoss:
         self.teacher = untouched_copy(model)
         self.head, self.weight, self.whole_head = head, float(weight), whole_head
         self.base_cls = [branch[-1] for branch in self.teacher.model[-1].cv3]  # the base's class-output convs
-        self.hyp = self.det.hyp
 
     def __call__(self, preds, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         loss, items = self.det(preds, batch)
@@ -88,4 +87,4 @@ class BaseDistillLoss:
         kl = (t_log.exp() * (t_log - s_log)).sum(2).mean(1)  # (B, A): mean over the 4 sides
         w = t_prob.amax(1)
         box = (kl * w).sum() / w.sum().clamp(min=1.0)
-        return self.hyp.cls * cls + self.hyp.dfl * box
+        return self.det.hyp.cls * cls + self.det.hyp.dfl * box
