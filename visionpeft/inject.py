@@ -23,6 +23,16 @@ from .methods.trainable import TrainableCopy
 from .modules import STATE_ATTR, adapted_modules, base_named_modules, replace_module
 
 SHARED_TRUNK = "head"  # keep_base mode: only the head is doubled; the adapted trunk feeds both heads
+SHARED_BOXES = "classes"  # keep_base mode: only the class branch is doubled; adapted trunk and box branch shared
+SHARED_MODES = (SHARED_TRUNK, SHARED_BOXES)
+
+
+def check_keep_base_mode(value: object, prefix: str = "") -> None:
+    """One-line error for a ``keep_base`` value that is no mode (``prefix``: how the caller names the setting)."""
+    if not (isinstance(value, bool) or value in SHARED_MODES):
+        raise ValueError(f"{prefix}keep_base must be true, false, '{SHARED_TRUNK}' (only the head doubled: the "
+                         f"adapted trunk shared) or '{SHARED_BOXES}' (only the class branch doubled: trunk and box "
+                         f"branch shared); train the shared modes with distill_base. Not {value!r}.")
 
 
 def peft_state(model: nn.Module) -> dict:
@@ -110,11 +120,10 @@ def inject(
     classes beside ``names`` (base names first), running the base's layers from the lowest adapted one on beside
     their adapted copies; a new name equal to a base name is an error. ``keep_base="head"``: the adapted layers
     below the head are shared (one trunk, run once, feeding the base's head too) and only the head is doubled, so
-    the base classes are the base head's on the adapted features (train with ``distill_base`` to keep them).
+    the base classes are the base head's on the adapted features (train with ``distill_base`` to keep them);
+    ``keep_base="classes"``: the adapted box branch is shared too, only the class branch is doubled.
     """
-    if not (isinstance(keep_base, bool) or keep_base == SHARED_TRUNK):
-        raise ValueError(f"keep_base must be True, False or '{SHARED_TRUNK}' (the head doubled, the adapted trunk "
-                         f"shared), not {keep_base!r}.")
+    check_keep_base_mode(keep_base)
     configs = [configs] if isinstance(configs, AdapterConfig) else list(configs)
     family = family_of(model)
     configs = [family.with_defaults(config_from_dict(c) if isinstance(c, dict) else c) for c in configs]
@@ -135,7 +144,7 @@ def inject(
                 plan[name] = (module, wrapper, config)
     if not plan:
         raise ValueError(f"No module of the model matches the adapter targets {[c.to_dict() for c in configs]}.")
-    start = (family.keep_base_start(model, names, list(plan), shared_trunk=keep_base == SHARED_TRUNK)
+    start = (family.keep_base_start(model, names, list(plan), shared_trunk=keep_base in SHARED_MODES)
              if keep_base else None)  # checked before any change
 
     shaped = {n for n, (_, _, c) in plan.items() if getattr(c, "needs_shapes", False)}
@@ -165,7 +174,7 @@ def inject(
     if start is not None:  # recorded in adapter files: the mode and where the branch leaves the base
         base_classes = len(state.get("base_names") or getattr(model, "names", None) or {})
         state["adapters"][adapter_name]["keep_base"] = {"layer": start, "base_classes": base_classes,
-                                                        **({"trunk": "shared"} if keep_base == SHARED_TRUNK else {})}
+                                                        **keep_base_record(keep_base)}
     setattr(model, STATE_ATTR, state)
     family.on_inject(model)
     set_adapter(model, adapter_name)
@@ -258,9 +267,18 @@ def merge(model: nn.Module) -> nn.Module:
     return merged if keep_base_layer(model) is None else with_base(model, merged)
 
 
+def keep_base_record(mode: bool | str) -> dict[str, str]:
+    """What an adapter's ``keep_base`` record holds, beside layer and class count, for ``mode``."""
+    return {"trunk": "shared", **({"boxes": "shared"} if mode == SHARED_BOXES else {})} if mode in SHARED_MODES else {}
+
+
 def keep_base_mode(record: dict | None) -> bool | str:
     """The ``keep_base`` argument of :func:`inject` that an adapter's ``keep_base`` record stands for."""
-    return (SHARED_TRUNK if record.get("trunk") == "shared" else True) if record else False
+    if not record:
+        return False
+    if record.get("trunk") != "shared":
+        return True
+    return SHARED_BOXES if record.get("boxes") == "shared" else SHARED_TRUNK
 
 
 def keep_base_layer(model: nn.Module) -> int | None:
@@ -277,10 +295,11 @@ def with_base(model: nn.Module, branch: nn.Module) -> nn.Module:
     if start is None:
         raise ValueError("The active adapter does not keep the base classes (inject it with keep_base=True).")
     state = peft_state(model)
-    shared = keep_base_mode(state["adapters"][state["active"]]["keep_base"]) == SHARED_TRUNK
+    mode = keep_base_mode(state["adapters"][state["active"]]["keep_base"])
     base = copy.deepcopy(model)
     set_adapter(base, None)
-    return family_of(model).keep_base_model(merge_(base), branch, start, shared_trunk=shared)
+    return family_of(model).keep_base_model(merge_(base), branch, start, shared_trunk=mode in SHARED_MODES,
+                                            shared_boxes=mode == SHARED_BOXES)
 
 
 @dataclass

@@ -51,9 +51,11 @@ class Family:
         raise ValueError(f"keep_base works on YOLO detectors; a {self.name} model has no class outputs to keep. "
                          "Train without keep_base.")
 
-    def keep_base_model(self, base: nn.Module, branch: nn.Module, start: int, shared_trunk: bool = False) -> nn.Module:
+    def keep_base_model(self, base: nn.Module, branch: nn.Module, start: int, shared_trunk: bool = False,
+                        shared_boxes: bool = False) -> nn.Module:
         """One model computing the plain ``base`` and ``branch`` (changed from layer ``start`` on) side by side;
-        ``shared_trunk``: layers below ``start`` are the branch's, feeding both."""
+        ``shared_trunk``: layers below ``start`` are the branch's, feeding both; ``shared_boxes``: the branch's
+        boxes serve both too, only the class outputs are doubled."""
         raise ValueError(f"keep_base works on YOLO detectors, not on a {self.name} model.")
 
     def on_inject(self, model: nn.Module) -> None:

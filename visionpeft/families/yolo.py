@@ -114,10 +114,11 @@ class YoloFamily(Family):
         check_keep_base(model, {int(k): v for k, v in base_names.items()}, names)
         return len(model.model) - 1 if shared_trunk else branch_start(targets)  # shared: the head alone doubled
 
-    def keep_base_model(self, base: nn.Module, branch: nn.Module, start: int, shared_trunk: bool = False) -> nn.Module:
-        from .yolo_keep import keep_base_model
+    def keep_base_model(self, base: nn.Module, branch: nn.Module, start: int, shared_trunk: bool = False,
+                        shared_boxes: bool = False) -> nn.Module:
+        from .yolo_keep import keep_base_model, keep_classes_model
 
-        return keep_base_model(base, branch, start, shared_trunk)
+        return keep_classes_model(base, branch) if shared_boxes else keep_base_model(base, branch, start, shared_trunk)
 
     def on_inject(self, model: nn.Module) -> None:
         state = model.visionpeft

@@ -7,7 +7,9 @@ outputs), and joins the two decoded outputs along the anchor axis, each padded w
 classes: ``(B, 4 + nc_base + nc_new, A_base + A_new)``. Ultralytics' NMS works per class, so the base classes
 keep the base model's detections (up to the shared ``max_det`` cap) and the new ones the adapter's.
 With ``keep_base="head"``, L is the head and the adapted layers below it are a shared trunk: only the head is
-doubled, and the base classes are the base head's on adapted features (kept by distillation, not exactly).
+doubled, and the base classes are the base head's on adapted features (kept by distillation, not exactly). With
+``keep_base="classes"`` (:func:`keep_classes_model`), the adapted box branch is shared too: one set of anchors and
+boxes, and beside the adapter's class branch the base's whole class branch on the adapted features.
 
 Built from Ultralytics' own layer bookkeeping (``m.i``, ``m.f``, ``model.save``, as ``parse_model`` sets them),
 so fusion, ``info``, the exporter and ``AutoBackend`` treat it as any detector; ``model.model[-1]`` is a ``Detect``
@@ -114,20 +116,25 @@ class KeepBaseDetectionModel(LayerRouting, DetectionModel):
         return image if isinstance(m.f, str) else super().layer_input(m, x, y, image)
 
     def init_criterion(self):
-        """The branch's loss (its classes, its head), as the adapter was trained."""
+        """The branch's loss (its classes, its head), as the adapter was trained; with one head (shared boxes),
+        Ultralytics' loss over all classes."""
         from ultralytics.utils.loss import v8DetectionLoss
 
-        view = SimpleNamespace(args=self.args, model=[self.model[-1].branch], parameters=self.parameters)
-        return v8DetectionLoss(view)
+        head = self.model[-1]
+        if not isinstance(head, KeepBaseDetect):
+            return super().init_criterion()
+        return v8DetectionLoss(SimpleNamespace(args=self.args, model=[head.branch], parameters=self.parameters))
 
-    shared_trunk = False  # set by keep_base_model
+    shared_trunk = shared_boxes = False  # set by keep_base_model, keep_classes_model
 
     @property
     def keep_base(self) -> dict:
         """``{"layer": L, "base_classes": n}``: where the branch starts, how many classes come first (and
-        ``"trunk": "shared"`` when the layers below L are adapted and feed both)."""
+        ``"trunk": "shared"`` when the layers below L are adapted and feed both; ``"boxes": "shared"`` when the
+        branch's boxes serve both)."""
         return {"layer": self.branch_layer, "base_classes": self.model[-1].nc_base,
-                **({"trunk": "shared"} if self.shared_trunk else {})}
+                **({"trunk": "shared"} if self.shared_trunk else {}),
+                **({"boxes": "shared"} if self.shared_boxes else {})}
 
 
 def _branch_f(f, j: int, start: int, offset: int):
@@ -171,6 +178,41 @@ def keep_base_model(base: DetectionModel, branch: DetectionModel, start: int,
     model.names = {i: n for i, n in enumerate([*base.names.values(), *branch.names.values()])}
     model.yaml = {**base.yaml, "nc": len(model.names)}
     model.branch_layer, model.shared_trunk = start, shared_trunk
+    model.criterion = None
+    model.__dict__.pop("visionpeft", None)
+    forget_checkpoint_path(model)
+    return model
+
+
+class ClassBranches(nn.Module):
+    """Two class branches of a ``Detect`` head on the same features, their class channels concatenated (base's
+    first), so the head's box and class bookkeeping stays Ultralytics' own."""
+
+    def __init__(self, base: nn.Module, new: nn.Module) -> None:
+        super().__init__()
+        self.base, self.new = base, new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat((self.base(x), self.new(x)), 1)
+
+
+def keep_classes_model(base: DetectionModel, branch: DetectionModel) -> KeepBaseDetectionModel:
+    """``branch`` (merged, every layer adapted) with the base's whole class branch (``cv3``, untouched) beside its
+    own on the same adapted features (``keep_base="classes"``): one network run, one set of boxes (the branch's),
+    base classes then new ones. The base classes are the base's class convs on the adapted features, kept by
+    distillation (not exactly). Inputs are copied."""
+    model = copy.deepcopy(branch)
+    head, base_head = model.model[-1], base.model[-1]
+    head.cv3 = nn.ModuleList(ClassBranches(copy.deepcopy(old), new)
+                             for old, new in zip(base_head.cv3, head.cv3, strict=True))
+    head.nc_base = base_head.nc
+    head.nc = base_head.nc + head.nc
+    head.no = head.nc + 4 * head.reg_max
+    head.np = sum(p.numel() for p in head.parameters())
+    retype(model, KeepBaseDetectionModel)
+    model.names = {i: n for i, n in enumerate([*base.names.values(), *branch.names.values()])}
+    model.yaml = {**model.yaml, "nc": head.nc}
+    model.branch_layer, model.shared_trunk, model.shared_boxes = len(model.model) - 1, True, True
     model.criterion = None
     model.__dict__.pop("visionpeft", None)
     forget_checkpoint_path(model)

@@ -28,7 +28,7 @@ from torch import nn
 from .. import settings
 from ..budget import RANK_PLANS, check_plannable, parse_budget
 from ..datasets import load_dataset
-from ..inject import SHARED_TRUNK, inject
+from ..inject import check_keep_base_mode, inject
 from ..methods import LoraConfig, config_from_dict
 from ..paths import find_file, resolve_weights
 from .augment import build_transforms, to_ultralytics
@@ -78,7 +78,8 @@ class PeftSpec:
     ``keep_base``: the merged model keeps the base classes beside the new ones (base names first); the adapter
     trains as usual, and its lowest adapted layer (set with the methods' ``layers``) is where the merged model's
     branch leaves the base (:func:`visionpeft.inject.with_base`); ``"head"``: only the head is doubled, the adapted
-    layers below it are shared by both heads (one trunk run; pair it with ``distill_base``).
+    layers below it are shared by both heads (one trunk run; pair it with ``distill_base``); ``"classes"``: the
+    adapted box branch is shared too, only the head's class branch is doubled.
     ``budget``: plan the LoRA/DoRA ranks per layer to fit ``"5%"`` of the task model's parameters or an adapter
     file of ``"250KB"`` (:mod:`visionpeft.budget`); the methods' ranks become the planner's middle, a layer may get
     up to twice as much or none. ``rank_plan``: ``gradient`` (rank where the first batches' weight gradients need
@@ -112,9 +113,7 @@ class PeftSpec:
                 continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 raise ValueError(f"peft.{key} must be a positive number, not {value!r}.")
-        if not (isinstance(self.keep_base, bool) or self.keep_base == SHARED_TRUNK):
-            raise ValueError(f"peft.keep_base must be true, false or '{SHARED_TRUNK}' (only the head doubled: the "
-                             f"adapted trunk is shared, train with distill_base), not {self.keep_base!r}.")
+        check_keep_base_mode(self.keep_base, prefix="peft.")
         if self.budget is not None:
             parse_budget(self.budget)
             check_plannable(self.methods or [])

@@ -3,8 +3,10 @@ class outputs, read from the *adapted* features, keep predicting what the base p
 
 This is what a single-path keep-base model needs (``families.yolo_keep.single_path_model``: the base's class
 convs beside the adapter's, one network run): trained plainly, the adapted features cost the base classes most of
-their mAP (README, "Keep the base classes"). On the new dataset's images (no base-class data) the loss adds the
-base's own predictions as soft targets, as Ultralytics' detection loss weighs its terms:
+their mAP (README, "Keep the base classes"), and so do the shared-trunk modes (``keep_base: head`` or
+``classes``: the base's head, or its class branch, on the adapted trunk). On the new dataset's images (no
+base-class data) the loss adds the base's own predictions as soft targets, as Ultralytics' detection loss weighs
+its terms:
 
 * class scores: BCE of the base class convs on the student's class features against the teacher's probabilities,
   normalised by their sum (Ultralytics normalises its class loss by the target scores' sum), times ``hyp.cls``;
@@ -23,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..inject import set_adapter
+from ..inject import SHARED_BOXES, SHARED_TRUNK, set_adapter
 
 
 def check_distill_base(value: float) -> None:
@@ -42,18 +44,18 @@ def untouched_copy(model: nn.Module) -> nn.Module:
 
 class BaseDistillLoss:
     """Ultralytics' detection loss of ``model`` plus ``weight`` x the distillation terms (module docstring); loss
-    items gain ``kd_loss``. ``whole_head``: the student's base outputs are the base's whole head on the adapted
-    trunk's features (``keep_base="head"``), else the base's class convs in the adapted head (one path)."""
+    items gain ``kd_loss``. The student's base outputs follow the merged model ``keep_base`` builds: ``"head"``,
+    the base's whole head on the adapted trunk's features; ``"classes"``, the base's whole class branch on them
+    and the adapted boxes; otherwise (one path) the base's class-output convs in the adapted head."""
 
-    def __init__(self, model: nn.Module, weight: float, whole_head: bool = False) -> None:
+    def __init__(self, model: nn.Module, weight: float, keep_base: bool | str = False) -> None:
         check_distill_base(weight)
         head = model.model[-1]
         if getattr(head, "one2one_cv2", None) is not None or not hasattr(head, "cv3"):
             raise ValueError("distill_base needs a YOLO head with NMS (YOLOv5u, v8, 11), not an end-to-end one.")
         self.det = model.init_criterion()
         self.teacher = untouched_copy(model)
-        self.head, self.weight, self.whole_head = head, float(weight), whole_head
-        self.base_cls = [branch[-1] for branch in self.teacher.model[-1].cv3]  # the base's class-output convs
+        self.head, self.weight, self.keep_base = head, float(weight), keep_base
 
     def __call__(self, preds, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         loss, items = self.det(preds, batch)
@@ -69,13 +71,17 @@ class BaseDistillLoss:
             target = out[1] if isinstance(out, tuple) else out
             t_prob = target["scores"].sigmoid()  # (B, nc_base, A)
         bs = img.shape[0]
-        if self.whole_head:  # keep_base "head": the base's own head reads the shared, adapted trunk
-            base_head = self.teacher.model[-1]
+        base_head = self.teacher.model[-1]
+        if self.keep_base == SHARED_TRUNK:  # the base's own head reads the shared, adapted trunk
             student = base_head.forward_head(raw["feats"], **base_head.one2many)
             logits, boxes = student["scores"], student["boxes"]
+        elif self.keep_base == SHARED_BOXES:  # the base's class branch on the adapted trunk, the adapted boxes
+            pairs = zip(base_head.cv3, raw["feats"], strict=True)
+            logits = torch.cat([branch(x).view(bs, base_head.nc, -1) for branch, x in pairs], -1)
+            boxes = raw["boxes"]
         else:  # one path: the base's class convs on the adapted class features, the adapted boxes
-            pairs = zip(self.base_cls, self.head.cv3, raw["feats"], strict=True)
-            logits = torch.cat([conv(branch[:-1](x)).view(bs, conv.out_channels, -1) for conv, branch, x in pairs], -1)
+            pairs = zip(base_head.cv3, self.head.cv3, raw["feats"], strict=True)
+            logits = torch.cat([old[-1](new[:-1](x)).view(bs, base_head.nc, -1) for old, new, x in pairs], -1)
             boxes = raw["boxes"]
         bce = F.binary_cross_entropy_with_logits(logits, t_prob, reduction="none")
         entropy = F.binary_cross_entropy(t_prob, t_prob, reduction="none")  # the BCE at a perfect match: loss 0 there

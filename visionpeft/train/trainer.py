@@ -107,7 +107,7 @@ class PeftDetectionTrainer(BaselineDetectionTrainer):
         untouched base (``peft.distill_base``); the EMA keeps Ultralytics' loss for its validation."""
         if self.peft.distill_base:
             model = unwrap_model(self.model)
-            model.criterion = BaseDistillLoss(model, self.peft.distill_base, whole_head=self.peft.keep_base == "head")
+            model.criterion = BaseDistillLoss(model, self.peft.distill_base, keep_base=self.peft.keep_base)
             if RANK in {-1, 0}:
                 LOGGER.info(f"visionpeft: distilling the untouched base's class scores and boxes "
                             f"(weight {self.peft.distill_base:g}; loss item kd_loss)")
