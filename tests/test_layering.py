@@ -14,7 +14,8 @@ ROOT = Path(__file__).resolve().parents[1] / "visionpeft"
 LAYERS = [
     ("methods", ["visionpeft.methods"]),  # adapter maths: torch only
     ("core", ["visionpeft.version", "visionpeft.settings", "visionpeft.paths", "visionpeft.frozen_norm",
-              "visionpeft.integrations", "visionpeft.modules", "visionpeft.families", "visionpeft.inject",
+              "visionpeft.integrations", "visionpeft.keep_modes", "visionpeft.modules", "visionpeft.families",
+              "visionpeft.inject",
               "visionpeft.budget",
               "visionpeft.io", "visionpeft.fonts", "visionpeft.datasets", "visionpeft.class_offset",
               "visionpeft.vitdet", "visionpeft.models", "visionpeft.yolo_model", "visionpeft"]),

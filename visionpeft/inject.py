@@ -18,21 +18,10 @@ from torch import nn
 
 from .families import Family, family_of
 from .frozen_norm import freeze_norms, unfreeze_norms
+from .keep_modes import check_keep_base_mode, keep_base_mode, keep_base_record
 from .methods import AdaptedModule, AdapterConfig, config_from_dict
 from .methods.trainable import TrainableCopy
 from .modules import STATE_ATTR, adapted_modules, base_named_modules, replace_module
-
-SHARED_TRUNK = "head"  # keep_base mode: only the head is doubled; the adapted trunk feeds both heads
-SHARED_BOXES = "classes"  # keep_base mode: only the class branch is doubled; adapted trunk and box branch shared
-SHARED_MODES = (SHARED_TRUNK, SHARED_BOXES)
-
-
-def check_keep_base_mode(value: object, prefix: str = "") -> None:
-    """One-line error for a ``keep_base`` value that is no mode (``prefix``: how the caller names the setting)."""
-    if not (isinstance(value, bool) or value in SHARED_MODES):
-        raise ValueError(f"{prefix}keep_base must be true, false, '{SHARED_TRUNK}' (only the head doubled: the "
-                         f"adapted trunk shared) or '{SHARED_BOXES}' (only the class branch doubled: trunk and box "
-                         f"branch shared); train the shared modes with distill_base. Not {value!r}.")
 
 
 def peft_state(model: nn.Module) -> dict:
@@ -144,7 +133,7 @@ def inject(
                 plan[name] = (module, wrapper, config)
     if not plan:
         raise ValueError(f"No module of the model matches the adapter targets {[c.to_dict() for c in configs]}.")
-    start = (family.keep_base_start(model, names, list(plan), shared_trunk=keep_base in SHARED_MODES)
+    start = (family.keep_base_start(model, names, list(plan), keep_base)
              if keep_base else None)  # checked before any change
 
     shaped = {n for n, (_, _, c) in plan.items() if getattr(c, "needs_shapes", False)}
@@ -267,20 +256,6 @@ def merge(model: nn.Module) -> nn.Module:
     return merged if keep_base_layer(model) is None else with_base(model, merged)
 
 
-def keep_base_record(mode: bool | str) -> dict[str, str]:
-    """What an adapter's ``keep_base`` record holds, beside layer and class count, for ``mode``."""
-    return {"trunk": "shared", **({"boxes": "shared"} if mode == SHARED_BOXES else {})} if mode in SHARED_MODES else {}
-
-
-def keep_base_mode(record: dict | None) -> bool | str:
-    """The ``keep_base`` argument of :func:`inject` that an adapter's ``keep_base`` record stands for."""
-    if not record:
-        return False
-    if record.get("trunk") != "shared":
-        return True
-    return SHARED_BOXES if record.get("boxes") == "shared" else SHARED_TRUNK
-
-
 def keep_base_layer(model: nn.Module) -> int | None:
     """Where the active adapter's branch leaves the base, if it keeps the base classes (``keep_base``); else None."""
     state = getattr(model, STATE_ATTR, None)
@@ -298,8 +273,7 @@ def with_base(model: nn.Module, branch: nn.Module) -> nn.Module:
     mode = keep_base_mode(state["adapters"][state["active"]]["keep_base"])
     base = copy.deepcopy(model)
     set_adapter(base, None)
-    return family_of(model).keep_base_model(merge_(base), branch, start, shared_trunk=mode in SHARED_MODES,
-                                            shared_boxes=mode == SHARED_BOXES)
+    return family_of(model).keep_base_model(merge_(base), branch, start, mode)
 
 
 @dataclass

@@ -26,10 +26,10 @@ from .inject import (
     delete_adapter,
     fingerprint,
     inject,
-    keep_base_mode,
     peft_state,
     set_adapter,
 )
+from .keep_modes import keep_base_mode
 from .version import __version__
 
 FORMAT = "visionpeft.adapter.v1"

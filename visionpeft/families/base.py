@@ -46,16 +46,15 @@ class Family:
         )
 
     def keep_base_start(self, model: nn.Module, names: dict[int, str] | None, targets: list[str],
-                        shared_trunk: bool = False) -> int:
-        """Check that ``model`` can keep its classes beside ``names`` (``keep_base``); where the branch starts."""
+                        mode: bool | str = True) -> int:
+        """Check that ``model`` can keep its classes beside ``names`` in ``keep_base`` ``mode``
+        (:mod:`visionpeft.keep_modes`); where the branch starts."""
         raise ValueError(f"keep_base works on YOLO detectors; a {self.name} model has no class outputs to keep. "
                          "Train without keep_base.")
 
-    def keep_base_model(self, base: nn.Module, branch: nn.Module, start: int, shared_trunk: bool = False,
-                        shared_boxes: bool = False) -> nn.Module:
-        """One model computing the plain ``base`` and ``branch`` (changed from layer ``start`` on) side by side;
-        ``shared_trunk``: layers below ``start`` are the branch's, feeding both; ``shared_boxes``: the branch's
-        boxes serve both too, only the class outputs are doubled."""
+    def keep_base_model(self, base: nn.Module, branch: nn.Module, start: int, mode: bool | str = True) -> nn.Module:
+        """One model computing the plain ``base`` and ``branch`` (changed from layer ``start`` on) side by side, as
+        ``keep_base`` ``mode`` shares them (:mod:`visionpeft.keep_modes`)."""
         raise ValueError(f"keep_base works on YOLO detectors, not on a {self.name} model.")
 
     def on_inject(self, model: nn.Module) -> None:

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..integrations.ultralytics import retype
+from ..keep_modes import SHARED_BOXES, SHARED_MODES, SHARED_TRUNK
 from ..modules import base_named_modules
 from .base import Family
 
@@ -103,7 +104,7 @@ class YoloFamily(Family):
         return torch.zeros(1, model.yaml.get("channels", 3), 64, 64, device=p.device, dtype=p.dtype)
 
     def keep_base_start(self, model: nn.Module, names: dict[int, str] | None, targets: list[str],
-                        shared_trunk: bool = False) -> int:
+                        mode: bool | str = True) -> int:
         from . import yolo
         from .yolo_keep import branch_start, check_keep_base
 
@@ -112,13 +113,14 @@ class YoloFamily(Family):
                              f"{type(model).__name__}; train without keep_base.")
         base_names = getattr(model, "visionpeft", {}).get("base_names") or model.names
         check_keep_base(model, {int(k): v for k, v in base_names.items()}, names)
-        return len(model.model) - 1 if shared_trunk else branch_start(targets)  # shared: the head alone doubled
+        return len(model.model) - 1 if mode in SHARED_MODES else branch_start(targets)  # shared: from the head on
 
-    def keep_base_model(self, base: nn.Module, branch: nn.Module, start: int, shared_trunk: bool = False,
-                        shared_boxes: bool = False) -> nn.Module:
+    def keep_base_model(self, base: nn.Module, branch: nn.Module, start: int, mode: bool | str = True) -> nn.Module:
         from .yolo_keep import keep_base_model, keep_classes_model
 
-        return keep_classes_model(base, branch) if shared_boxes else keep_base_model(base, branch, start, shared_trunk)
+        if mode == SHARED_BOXES:
+            return keep_classes_model(base, branch)
+        return keep_base_model(base, branch, start, shared_trunk=mode == SHARED_TRUNK)
 
     def on_inject(self, model: nn.Module) -> None:
         state = model.visionpeft

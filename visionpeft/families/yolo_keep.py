@@ -29,6 +29,7 @@ from ultralytics.nn.modules.head import Detect
 from ultralytics.nn.tasks import DetectionModel
 
 from ..integrations.ultralytics import LayerRouting, forget_checkpoint_path, retype
+from ..keep_modes import SHARED_BOXES, SHARED_TRUNK, keep_base_record
 
 IMAGE = "image"  # ``f`` of a branch layer that reads the network input (a branch from layer 0)
 
@@ -125,16 +126,13 @@ class KeepBaseDetectionModel(LayerRouting, DetectionModel):
             return super().init_criterion()
         return v8DetectionLoss(SimpleNamespace(args=self.args, model=[head.branch], parameters=self.parameters))
 
-    shared_trunk = shared_boxes = False  # set by keep_base_model, keep_classes_model
+    keep_mode: bool | str = True  # the keep_base mode it was built for (keep_base_model, keep_classes_model)
 
     @property
     def keep_base(self) -> dict:
-        """``{"layer": L, "base_classes": n}``: where the branch starts, how many classes come first (and
-        ``"trunk": "shared"`` when the layers below L are adapted and feed both; ``"boxes": "shared"`` when the
-        branch's boxes serve both)."""
-        return {"layer": self.branch_layer, "base_classes": self.model[-1].nc_base,
-                **({"trunk": "shared"} if self.shared_trunk else {}),
-                **({"boxes": "shared"} if self.shared_boxes else {})}
+        """``{"layer": L, "base_classes": n}``: where the branch starts, how many classes come first, and what the
+        mode shares (``keep_modes.keep_base_record``), as adapter files record it."""
+        return {"layer": self.branch_layer, "base_classes": self.model[-1].nc_base, **keep_base_record(self.keep_mode)}
 
 
 def _branch_f(f, j: int, start: int, offset: int):
@@ -177,7 +175,7 @@ def keep_base_model(base: DetectionModel, branch: DetectionModel, start: int,
                          if isinstance(k, int) and k >= 0})
     model.names = {i: n for i, n in enumerate([*base.names.values(), *branch.names.values()])}
     model.yaml = {**base.yaml, "nc": len(model.names)}
-    model.branch_layer, model.shared_trunk = start, shared_trunk
+    model.branch_layer, model.keep_mode = start, SHARED_TRUNK if shared_trunk else True
     model.criterion = None
     model.__dict__.pop("visionpeft", None)
     forget_checkpoint_path(model)
@@ -212,7 +210,7 @@ def keep_classes_model(base: DetectionModel, branch: DetectionModel) -> KeepBase
     retype(model, KeepBaseDetectionModel)
     model.names = {i: n for i, n in enumerate([*base.names.values(), *branch.names.values()])}
     model.yaml = {**model.yaml, "nc": head.nc}
-    model.branch_layer, model.shared_trunk, model.shared_boxes = len(model.model) - 1, True, True
+    model.branch_layer, model.keep_mode = len(model.model) - 1, SHARED_BOXES
     model.criterion = None
     model.__dict__.pop("visionpeft", None)
     forget_checkpoint_path(model)

@@ -28,7 +28,8 @@ from torch import nn
 from .. import settings
 from ..budget import RANK_PLANS, check_plannable, parse_budget
 from ..datasets import load_dataset
-from ..inject import check_keep_base_mode, inject
+from ..inject import inject
+from ..keep_modes import check_keep_base_mode
 from ..methods import LoraConfig, config_from_dict
 from ..paths import find_file, resolve_weights
 from .augment import build_transforms, to_ultralytics

@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..inject import SHARED_BOXES, SHARED_TRUNK, set_adapter
+from ..inject import set_adapter
+from ..keep_modes import SHARED_BOXES, SHARED_TRUNK
 
 
 def check_distill_base(value: float) -> None:
