@@ -137,19 +137,21 @@ def test_single_path_is_the_adapter_plus_the_base_class_outputs_on_its_features(
         single_path_model(base("yolo11n.pt"), vp.merge(clash))
 
 
-# one path; the base's whole head on the shared adapted trunk; the base's class branch on it, the adapted boxes
-@pytest.mark.parametrize("keep", [False, "head", "classes"])
-def test_distillation_targets_are_the_untouched_base_and_only_the_adapter_learns(base, real_images, keep):
+# one path; the base's whole head on the shared adapted trunk; the base's class branch on it, the adapted boxes;
+# each with what it matches (scores, logits, the head's input features) where it matters
+@pytest.mark.parametrize(("keep", "kind"), [(False, "scores"), ("head", "scores"), ("classes", "scores"),
+                                            ("classes", "logits"), ("head", "features")])
+def test_distillation_targets_are_the_untouched_base_and_only_the_adapter_learns(base, real_images, keep, kind):
     from visionpeft.train.distill import BaseDistillLoss
 
     model = base("yolo11n.pt")
     vp.inject(model, vp.DoraConfig(r=4, alpha=8), adapter_name="plain", names=NAMES, keep_base=keep)
     model.args = get_cfg()
-    loss = BaseDistillLoss(model, weight=2.0, keep_base=keep)
+    loss = BaseDistillLoss(model, weight=2.0, keep_base=keep, kind=kind)
     model.train()
     vp.set_adapter(model, "plain")  # freezes the base again (and keeps its norms in eval mode)
     at_init = loss.distill(model(real_images), real_images)
-    assert 0 <= at_init.item() < 1e-3  # DoRA at init is the base: the base's outputs are their own targets
+    assert -1e-6 < at_init.item() < 1e-3  # DoRA at init is the base: the base's outputs are their own targets
     randomize_adapters(model, seed=1)
     batch = {"img": real_images[:2], "batch_idx": torch.tensor([0.0, 1.0]), "cls": torch.tensor([[0.0], [1.0]]),
              "bboxes": torch.tensor([[0.5, 0.5, 0.2, 0.2], [0.3, 0.4, 0.1, 0.2]])}
@@ -163,6 +165,8 @@ def test_distillation_targets_are_the_untouched_base_and_only_the_adapter_learns
     assert grads and all(".adapters.plain." in n for n in grads)  # only the adapter moves
     with pytest.raises(ValueError, match=r"peft.distill_base must be a number >= 0"):
         PeftSpec(distill_base=-1)
+    with pytest.raises(ValueError, match=r"peft.distill_kind must be one of \['scores', 'logits', 'features'\]"):
+        PeftSpec(distill_base=1.0, distill_kind="probs")
 
 
 def test_shared_trunk_doubles_only_the_head(base, real_images, tmp_path):

@@ -33,7 +33,7 @@ from ..keep_modes import check_keep_base_mode
 from ..methods import LoraConfig, config_from_dict
 from ..paths import find_file, resolve_weights
 from .augment import build_transforms, to_ultralytics
-from .distill import check_distill_base
+from .distill import check_distill_base, check_distill_kind
 from .ema import check_ema_tau
 
 CONFIGS_DIR = settings.ROOT / "configs"
@@ -88,7 +88,9 @@ class PeftSpec:
     ``ema_tau``: the EMA's time constant in optimizer steps; ``auto`` scales it to the run (:mod:`.ema`), ``None``
     keeps Ultralytics' 2000, under which a short fine-tune's EMA is its last step's weights.
     ``distill_base``: weight of a distillation from the untouched base (:mod:`.distill`) that keeps the base's class
-    outputs on the adapted features, for a single-path keep-base model; 0: off.
+    outputs on the adapted features, for a single-path keep-base model; 0: off. ``distill_kind``: what it matches,
+    ``scores`` (class probabilities and box distributions), ``logits`` (class logits, L2, and box distributions) or
+    ``features`` (the head's input features, L2).
     """
 
     adapter_name: str = "default"
@@ -102,6 +104,7 @@ class PeftSpec:
     rank_plan: str = "gradient"
     ema_tau: float | str | None = None
     distill_base: float = 0.0
+    distill_kind: str = "scores"
 
     def __post_init__(self) -> None:
         if not isinstance(self.adapter_name, str) or not self.adapter_name or "." in self.adapter_name:
@@ -124,6 +127,7 @@ class PeftSpec:
             raise ValueError(f"peft.{e}") from None
         try:
             check_distill_base(self.distill_base)
+            check_distill_kind(self.distill_kind)
         except ValueError as e:
             raise ValueError(f"peft.{e}") from None
         if self.rank_plan not in RANK_PLANS:

@@ -13,6 +13,13 @@ its terms:
 * boxes: the DFL bin distributions of every anchor, KL to the teacher's, weighted by the teacher's top class
   probability (where the base sees an object), times ``hyp.dfl``.
 
+That is ``kind="scores"``. On images with no base-class object the teacher's scores are near 0, where the BCE is
+flat: a logit may drift from -9 to -5 almost for free, and the same drift on COCO's images costs detections.
+``kind="logits"`` (Shmelkov et al. 2017, "Incremental learning of object detectors without catastrophic
+forgetting") replaces the class term by the mean squared difference of the base's class logits, which holds every
+logit alike; ``kind="features"`` distills what the base's head reads instead of what it outputs: the mean squared
+difference of the head's input features, per level relative to the teacher's mean square, summed over levels.
+
 The teacher is a copy of the model with no adapter active (the untouched base), run without gradients; it lives in
 the loss, not in the model, so checkpoints and the EMA never carry it (Ultralytics strips ``criterion`` on save).
 """
@@ -27,6 +34,13 @@ from torch import nn
 
 from ..inject import set_adapter
 from ..keep_modes import SHARED_BOXES, SHARED_TRUNK
+
+DISTILL_KINDS = ("scores", "logits", "features")
+
+
+def check_distill_kind(kind: str) -> None:
+    if kind not in DISTILL_KINDS:
+        raise ValueError(f"distill_kind must be one of {list(DISTILL_KINDS)}, not {kind!r}.")
 
 
 def check_distill_base(value: float) -> None:
@@ -49,14 +63,15 @@ class BaseDistillLoss:
     the base's whole head on the adapted trunk's features; ``"classes"``, the base's whole class branch on them
     and the adapted boxes; otherwise (one path) the base's class-output convs in the adapted head."""
 
-    def __init__(self, model: nn.Module, weight: float, keep_base: bool | str = False) -> None:
+    def __init__(self, model: nn.Module, weight: float, keep_base: bool | str = False, kind: str = "scores") -> None:
         check_distill_base(weight)
+        check_distill_kind(kind)
         head = model.model[-1]
         if getattr(head, "one2one_cv2", None) is not None or not hasattr(head, "cv3"):
             raise ValueError("distill_base needs a YOLO head with NMS (YOLOv5u, v8, 11), not an end-to-end one.")
         self.det = model.init_criterion()
         self.teacher = untouched_copy(model)
-        self.head, self.weight, self.keep_base = head, float(weight), keep_base
+        self.head, self.weight, self.keep_base, self.kind = head, float(weight), keep_base, kind
 
     def __call__(self, preds, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         loss, items = self.det(preds, batch)
@@ -71,6 +86,9 @@ class BaseDistillLoss:
             out = self.teacher(img)
             target = out[1] if isinstance(out, tuple) else out
             t_prob = target["scores"].sigmoid()  # (B, nc_base, A)
+        if self.kind == "features":
+            return sum(((s - t).pow(2).mean() / t.pow(2).mean().clamp(min=1e-12))
+                       for s, t in zip(raw["feats"], target["feats"], strict=True))
         bs = img.shape[0]
         base_head = self.teacher.model[-1]
         if self.keep_base == SHARED_TRUNK:  # the base's own head reads the shared, adapted trunk
@@ -84,9 +102,12 @@ class BaseDistillLoss:
             pairs = zip(base_head.cv3, self.head.cv3, raw["feats"], strict=True)
             logits = torch.cat([old[-1](new[:-1](x)).view(bs, base_head.nc, -1) for old, new, x in pairs], -1)
             boxes = raw["boxes"]
-        bce = F.binary_cross_entropy_with_logits(logits, t_prob, reduction="none")
-        entropy = F.binary_cross_entropy(t_prob, t_prob, reduction="none")  # the BCE at a perfect match: loss 0 there
-        cls = (bce - entropy).sum() / t_prob.sum().clamp(min=1.0)
+        if self.kind == "logits":
+            cls = (logits - target["scores"]).pow(2).mean()
+        else:
+            bce = F.binary_cross_entropy_with_logits(logits, t_prob, reduction="none")
+            entropy = F.binary_cross_entropy(t_prob, t_prob, reduction="none")  # the BCE at a match: loss 0 there
+            cls = (bce - entropy).sum() / t_prob.sum().clamp(min=1.0)
 
         reg = self.head.reg_max
         s_log = boxes.view(bs, 4, reg, -1).log_softmax(2)

@@ -107,9 +107,12 @@ class PeftDetectionTrainer(BaselineDetectionTrainer):
         untouched base (``peft.distill_base``); the EMA keeps Ultralytics' loss for its validation."""
         if self.peft.distill_base:
             model = unwrap_model(self.model)
-            model.criterion = BaseDistillLoss(model, self.peft.distill_base, keep_base=self.peft.keep_base)
+            model.criterion = BaseDistillLoss(model, self.peft.distill_base, keep_base=self.peft.keep_base,
+                                              kind=self.peft.distill_kind)
             if RANK in {-1, 0}:
-                LOGGER.info(f"visionpeft: distilling the untouched base's class scores and boxes "
+                what = {"scores": "class scores and boxes", "logits": "class logits and boxes",
+                        "features": "head input features"}[self.peft.distill_kind]
+                LOGGER.info(f"visionpeft: distilling the untouched base's {what} "
                             f"(weight {self.peft.distill_base:g}; loss item kd_loss)")
 
     # -- run folder --------------------------------------------------------------------------------------------
