@@ -35,9 +35,6 @@ CONV_GEOMETRIES = {
     "depthwise-stride2": (8, 8, 3, 2, 1, 1, 8, "zeros"),
     "depthwise-multiplier2": (8, 16, 3, 1, 1, 1, 8, "zeros"),
     "depthwise-7x7-nobias": (8, 8, 7, 1, 3, 1, 8, "zeros"),
-    # wide enough for the fused low-rank conv (min channels >= 8 r at the tests' r = 4)
-    "wide-3x3-stride2": (32, 48, 3, 2, 1, 1, 1, "zeros"),
-    "wide-3x1-dilated-nobias": (40, 32, (3, 1), 1, (2, 0), 2, 1, "zeros"),
 }
 
 
@@ -203,14 +200,12 @@ def test_dora_output_and_exact_merge(kind):
 
 @pytest.mark.parametrize("init", ["zero", "pissa"])
 @pytest.mark.parametrize("method", ["lora", "dora"])
-@pytest.mark.parametrize("kind", ["linear", "linear-nobias", "3x3", "depthwise", "wide-3x3-stride2",
-                                  "wide-3x1-dilated-nobias"])
-def test_frozen_adapters_backpropagate_through_the_factors(method, kind, init):
-    """On a frozen Linear, and on a frozen k x k conv with at least 8 r channels in and out, LoRA and DoRA run one
-    matmul or conv with the composed weight and compute their gradients from the low-rank factors (no full weight
-    gradient): equal to autograd through the composed weight, in float64. Narrow, 1x1 and grouped convs keep the
-    plain autograd path (there the thin products measured slower on this CPU), with the same result. A PiSSA
-    adapter's frozen start is subtracted from the weight the update is added to."""
+@pytest.mark.parametrize("kind", ["linear", "linear-nobias", "3x3", "depthwise"])
+def test_frozen_linear_adapters_backpropagate_through_the_factors(method, kind, init):
+    """On a frozen Linear, LoRA and DoRA run one matmul with the composed weight and compute their gradients from
+    the low-rank factors (no full weight gradient): equal to autograd through the composed weight, in float64.
+    Convs keep the plain autograd path (a low-rank conv backward measured slower on this CPU), with the same
+    result. A PiSSA adapter's frozen start is subtracted from the weight the update is added to."""
     layer = (nn.Linear(24, 40, bias=False) if kind == "linear-nobias" else make_layer(kind)).requires_grad_(False)
     config = (vp.LoraConfig if method == "lora" else vp.DoraConfig)(r=4, alpha=8, init=init)
     wrapper = wrap(layer, config)
@@ -222,8 +217,8 @@ def test_frozen_adapters_backpropagate_through_the_factors(method, kind, init):
             adapter.magnitude.mul_(torch.rand_like(adapter.magnitude) + 0.5)
     x = layer_input(layer).requires_grad_(True)
     y = wrapper(x)
-    fused = {"linear": "_LowRankLinearBackward", "wide": "_LowRankConvBackward"}.get(kind.split("-")[0])
-    assert (type(y.grad_fn).__name__ == fused) == bool(fused)  # the path tested is the one expected
+    fused = kind.startswith("linear")
+    assert (type(y.grad_fn).__name__ == "_LowRankLinearBackward") == fused  # the path tested is the one expected
     g = torch.randn_like(y)
     (y * g).sum().backward()
     assert layer.weight.grad is None

@@ -12,16 +12,8 @@ import torch
 from torch import nn
 
 from .base import Adapter, full_precision
-from .lora import (
-    LoraConfig,
-    compose_weight,
-    functional_layer,
-    fused_forward,
-    group_rank,
-    low_rank_pair,
-    principal_init,
-    start_weight,
-)
+from .lora import LoraConfig, compose_weight, functional_layer, group_rank, low_rank_pair, principal_init, start_weight
+from .lowrank_linear import fusable, lowrank_linear
 
 
 @dataclass
@@ -54,8 +46,9 @@ class DoraAdapter(Adapter):
         return self.magnitude * w / channel_norm(w).clamp_min(1e-12)
 
     def forward(self, base: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        if (y := fused_forward(self, base, x, start_weight(self, base), self.magnitude)) is not None:
-            return y
+        if fusable(base, x):  # no full weight gradient in the backward pass
+            return lowrank_linear(x, start_weight(self, base), base.bias, self.lora_A.weight, self.lora_B.weight,
+                                  self.scaling, self.magnitude)
         with full_precision(x):  # the per-filter norm of a fp16 weight loses the small LoRA update
             w = self.adapted_weight(base)
         return functional_layer(base, x, w)

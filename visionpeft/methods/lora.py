@@ -17,7 +17,6 @@ from torch import nn
 
 from . import checks
 from .base import Adapter, AdapterConfig, full_precision
-from .lowrank_conv import fusable_conv, lowrank_conv
 from .lowrank_linear import fusable, lowrank_linear
 
 
@@ -174,8 +173,8 @@ class LoraAdapter(Adapter):
 
     def forward(self, base: nn.Module, x: torch.Tensor) -> torch.Tensor:
         w = start_weight(self, base)
-        if isinstance(self.dropout, nn.Identity) and (y := fused_forward(self, base, x, w)) is not None:
-            return y
+        if isinstance(self.dropout, nn.Identity) and fusable(base, x):  # one matmul, no full weight gradient
+            return lowrank_linear(x, w, base.bias, self.lora_A.weight, self.lora_B.weight, self.scaling)
         with full_precision(x):
             delta = self.lora_B(self.lora_A(self.dropout(x.float()))) * self.scaling
         return (base(x) if w is base.weight else functional_layer(base, x, w)) + delta
@@ -184,19 +183,6 @@ class LoraAdapter(Adapter):
     def merge_into(self, base: nn.Module) -> nn.Module:
         base.weight.copy_(self.adapted_weight(base))
         return base
-
-
-def fused_forward(adapter: nn.Module, base: nn.Module, x: torch.Tensor, weight: torch.Tensor,
-                  magnitude: torch.Tensor | None = None) -> torch.Tensor | None:
-    """The adapted layer as one op whose backward skips the full weight gradient (LoRA, or DoRA with
-    ``magnitude``), where that is exact and faster (:func:`.lowrank_linear.fusable`,
-    :func:`.lowrank_conv.fusable_conv`); ``None`` elsewhere."""
-    a, b = adapter.lora_A.weight, adapter.lora_B.weight
-    if fusable(base, x):
-        return lowrank_linear(x, weight, base.bias, a, b, adapter.scaling, magnitude)
-    if fusable_conv(base, x, adapter.r):
-        return lowrank_conv(x, base, weight, a, b, adapter.scaling, magnitude)
-    return None
 
 
 def functional_layer(base: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
