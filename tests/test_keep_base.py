@@ -378,3 +378,24 @@ def test_keep_base_benchmark_at_a_tiny_budget(tiny_crops, tmp_path):
     stamp = (out / "keep_l16" / "weights" / "best.safetensors").stat().st_mtime_ns
     run_keep_benchmark(load_keep_config(cfg_file, {"project": str(tmp_path), "name": "kb"}))
     assert (out / "keep_l16" / "weights" / "best.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_shipped_keep_base_benchmark_config_is_valid(tmp_path):
+    """Every run of bench_keep_base.yaml builds a valid training config; ``extra_augmentations`` are appended to
+    the base config's list (the shipped crops.yaml transforms stay first), and a bad value is a one-line error."""
+    from visionpeft.bench.keep_base import _config, load_keep_config
+    from visionpeft.train.augment import build_transforms
+
+    cfg = load_keep_config("bench_keep_base.yaml")
+    shipped = load_config("crops.yaml").augmentations
+    for run, entry in cfg["runs"].items():
+        raw = _config(cfg, run, tmp_path)
+        config = load_config(raw)
+        extra = entry.get("extra_augmentations") or []
+        assert raw["augmentations"] == [*shipped, *extra], run
+        assert len(build_transforms(raw["augmentations"])) == len(shipped) + len(extra)
+        if (entry.get("kind") or "peft") == "peft" and "from" not in entry:
+            assert config.peft.methods, run
+    assert any(e.get("extra_augmentations") for e in cfg["runs"].values())
+    with pytest.raises(ValueError, match="extra_augmentations must be a list of transforms"):
+        _config({**cfg, "runs": {"x": {"extra_augmentations": "ChannelShuffle"}}}, "x", tmp_path)

@@ -25,7 +25,7 @@ from .keep_base_report import write_keep_reports
 from .runner import eta_text, launch, run_spec, training_config
 
 BENCH_KEYS = ["base", "data", "base_data", "train", "runs", "project", "name", "only", "latency_runs"]
-RUN_KEYS = ["kind", "freeze", "peft", "train", "from", "keep_base"]
+RUN_KEYS = ["kind", "freeze", "peft", "train", "from", "keep_base", "extra_augmentations"]
 BASE_ROW = "base"
 SINGLE = "single"  # keep_base: single, with from: <plain run>: one path, the base's class outputs beside the adapter's
 
@@ -76,7 +76,8 @@ def keeps_base(entry: dict) -> bool | str:
 def _config(cfg: dict, name: str, out_dir: Path) -> dict:
     entry = cfg["runs"][name]
     return training_config(cfg.get("base", "crops.yaml"), [cfg.get("train"), entry.get("train")], out_dir, name,
-                           data=cfg.get("data"), peft=entry.get("peft"))
+                           data=cfg.get("data"), peft=entry.get("peft"),
+                           extra_augmentations=entry.get("extra_augmentations"))
 
 
 def _model(run_dir: Path, kind: str, base: str, keep: bool | str):

@@ -58,11 +58,12 @@ def load_bench_config(path: str | Path, overrides: dict | None = None) -> dict:
 
 
 def training_config(base: str | Path, train_layers: Sequence[dict | None], out_dir: Path, name: str,
-                    data: str | None = None, peft: dict | None = None) -> dict:
+                    data: str | None = None, peft: dict | None = None, extra_augmentations: list | None = None) -> dict:
     """The training config (a dict, as ``visionpeft.train`` takes it) of one benchmark run, in ``out_dir/name``.
 
     ``base``: the training YAML it starts from; ``data`` replaces its dataset, ``peft`` updates its ``peft:`` block;
-    ``train_layers`` update its train args in order (later wins).
+    ``train_layers`` update its train args in order (later wins); ``extra_augmentations`` are appended to its
+    ``augmentations`` list.
     """
     from ..train.config import find_config
 
@@ -71,6 +72,11 @@ def training_config(base: str | Path, train_layers: Sequence[dict | None], out_d
         raw["data"] = data
     if peft:
         raw["peft"] = {**(raw.get("peft") or {}), **peft}
+    if extra_augmentations:
+        if not isinstance(extra_augmentations, list):
+            raise ValueError(f"extra_augmentations must be a list of transforms, as augmentations: is, not "
+                             f"{extra_augmentations!r}.")
+        raw["augmentations"] = [*(raw.get("augmentations") or []), *extra_augmentations]
     train = dict(raw.get("train") or {})
     for layer in train_layers:
         train.update(layer or {})
