@@ -37,7 +37,9 @@ from torch import nn
 from ..inject import set_adapter
 from ..keep_modes import SHARED_BOXES, SHARED_TRUNK
 
-DISTILL_KINDS = ("scores", "logits", "features")
+# what each kind matches, as the trainer's log line says it
+DISTILL_KINDS = {"scores": "class scores and boxes", "logits": "class logits and boxes",
+                 "features": "head input features"}
 
 
 def check_distill_kind(kind: str) -> None:
@@ -87,10 +89,10 @@ class BaseDistillLoss:
         with torch.no_grad():
             out = self.teacher(img)
             target = out[1] if isinstance(out, tuple) else out
-            t_prob = target["scores"].sigmoid()  # (B, nc_base, A)
         if self.kind == "features":
             return sum(((s - t).pow(2).mean() / t.pow(2).mean().clamp(min=1e-12))
                        for s, t in zip(raw["feats"], target["feats"], strict=True))
+        t_prob = target["scores"].sigmoid()  # (B, nc_base, A), no gradient: the teacher's
         bs = img.shape[0]
         base_head = self.teacher.model[-1]
         if self.keep_base == SHARED_TRUNK:  # the base's own head reads the shared, adapted trunk

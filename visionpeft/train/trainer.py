@@ -53,7 +53,7 @@ from ..models import build_detector, load_base
 from . import ddp, resume_state, runlock
 from .baseline import BaselineDetectionTrainer
 from .config import PeftSpec
-from .distill import BaseDistillLoss
+from .distill import DISTILL_KINDS, BaseDistillLoss
 from .rank_probe import probe_losses
 
 SPEC_KEY = "train"  # model.visionpeft[SPEC_KEY]: the PeftSpec a checkpoint was trained with (for resume)
@@ -110,9 +110,7 @@ class PeftDetectionTrainer(BaselineDetectionTrainer):
             model.criterion = BaseDistillLoss(model, self.peft.distill_base, keep_base=self.peft.keep_base,
                                               kind=self.peft.distill_kind)
             if RANK in {-1, 0}:
-                what = {"scores": "class scores and boxes", "logits": "class logits and boxes",
-                        "features": "head input features"}[self.peft.distill_kind]
-                LOGGER.info(f"visionpeft: distilling the untouched base's {what} "
+                LOGGER.info(f"visionpeft: distilling the untouched base's {DISTILL_KINDS[self.peft.distill_kind]} "
                             f"(weight {self.peft.distill_base:g}; loss item kd_loss)")
 
     # -- run folder --------------------------------------------------------------------------------------------
