@@ -63,7 +63,7 @@ def training_config(base: str | Path, train_layers: Sequence[dict | None], out_d
 
     ``base``: the training YAML it starts from; ``data`` replaces its dataset, ``peft`` updates its ``peft:`` block;
     ``train_layers`` update its train args in order (later wins); ``extra_augmentations`` are appended to its
-    ``augmentations`` list.
+    ``augmentations`` list (a base without one then gets these alone, not Ultralytics' defaults plus these).
     """
     from ..train.config import find_config
 
