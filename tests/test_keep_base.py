@@ -398,4 +398,4 @@ def test_shipped_keep_base_benchmark_config_is_valid(tmp_path):
             assert config.peft.methods, run
     assert any(e.get("extra_augmentations") for e in cfg["runs"].values())
     with pytest.raises(ValueError, match="extra_augmentations must be a list of transforms"):
-        _config({**cfg, "runs": {"x": {"extra_augmentations": "ChannelShuffle"}}}, "x", tmp_path)
+        load_keep_config("bench_keep_base.yaml", {"runs": {"x": {"extra_augmentations": "ChannelShuffle"}}})

@@ -50,6 +50,9 @@ def load_keep_config(path: str | Path, overrides: dict | None = None) -> dict:
         bad = sorted(set(entry) - set(RUN_KEYS))
         if bad:
             raise ValueError(f"Unknown key(s) {bad} in run '{name}'. Valid keys: {RUN_KEYS}.")
+        if not isinstance(entry.get("extra_augmentations") or [], list):  # checked here, before any run trains
+            raise ValueError(f"Run '{name}': extra_augmentations must be a list of transforms, as augmentations: "
+                             f"is, not {entry['extra_augmentations']!r}.")
         if "from" in entry and entry["from"] not in list(runs)[:list(runs).index(name)]:
             raise ValueError(f"Run '{name}': from: {entry['from']!r} must name a run listed before it.")
         if entry.get("keep_base") not in (None, True, False, SINGLE) or (

@@ -73,9 +73,6 @@ def training_config(base: str | Path, train_layers: Sequence[dict | None], out_d
     if peft:
         raw["peft"] = {**(raw.get("peft") or {}), **peft}
     if extra_augmentations:
-        if not isinstance(extra_augmentations, list):
-            raise ValueError(f"extra_augmentations must be a list of transforms, as augmentations: is, not "
-                             f"{extra_augmentations!r}.")
         raw["augmentations"] = [*(raw.get("augmentations") or []), *extra_augmentations]
     train = dict(raw.get("train") or {})
     for layer in train_layers:
