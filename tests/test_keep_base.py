@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import copy
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -325,6 +326,24 @@ def test_crops_keep_config_trains_a_keep_base_adapter(tiny_crops, tmp_path):
     meta = vp.read_adapter(summary.adapter_file)[1]
     assert meta["keep_base"] == {"layer": 16, "base_classes": 80} and meta["names"] == {"0": "crop", "1": "weed"}
     assert min(int(t.split(".")[1]) for t in meta["targets"]) == 16  # layers below L stay the base's
+
+
+def test_a_run_distills_on_dreams_made_once_in_its_folder(tiny_crops, tmp_path, caplog):
+    from safetensors import safe_open
+
+    from visionpeft.train import train
+
+    overrides = {"peft.keep_base": "classes", "peft.distill_base": 1.0, "peft.distill_dreams": 2,
+                 "peft.dream_steps": 3}
+    summary = train("crops_keep.yaml", data=str(tiny_crops), project=str(tmp_path), name="dreams",
+                    **{**FAST, **overrides})
+    dreams = tmp_path / "dreams" / "dreams.safetensors"
+    with safe_open(str(dreams), "pt") as f:
+        assert f.get_tensor("images").shape == (2, 3, IMGSZ, IMGSZ) and f.metadata()["steps"] == "3"
+    assert "train/kd_loss" in (tmp_path / "dreams" / "results.csv").read_text().splitlines()[0]
+    log = "".join(r.getMessage() for r in caplog.records)
+    assert "2 synthetic images of the base's BatchNorm statistics (made in" in log
+    assert Path(summary.adapter_file).is_file()
 
 
 def test_keep_base_benchmark_at_a_tiny_budget(tiny_crops, tmp_path):

@@ -90,7 +90,9 @@ class PeftSpec:
     ``distill_base``: weight of a distillation from the untouched base (:mod:`.distill`) that keeps the base's class
     outputs on the adapted features, for a single-path keep-base model; 0: off. ``distill_kind``: what it matches,
     ``scores`` (class probabilities and box distributions), ``logits`` (class logits, L2, and box distributions) or
-    ``features`` (the head's input features, L2).
+    ``features`` (the head's input features, L2). ``distill_dreams``: also distill on this many synthetic images of
+    what the base knew, made from its BatchNorm statistics at the start of the run (:mod:`.dreams`; 0: off), with
+    ``dream_steps`` optimisation steps each.
     """
 
     adapter_name: str = "default"
@@ -105,6 +107,8 @@ class PeftSpec:
     ema_tau: float | str | None = None
     distill_base: float = 0.0
     distill_kind: str = "scores"
+    distill_dreams: int = 0
+    dream_steps: int = 200
 
     def __post_init__(self) -> None:
         if not isinstance(self.adapter_name, str) or not self.adapter_name or "." in self.adapter_name:
@@ -130,6 +134,16 @@ class PeftSpec:
             check_distill_kind(self.distill_kind)
         except ValueError as e:
             raise ValueError(f"peft.{e}") from None
+        for key in ("distill_dreams", "dream_steps"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"peft.{key} must be a whole number >= 0, not {value!r}.")
+        if self.distill_dreams and not self.distill_base:
+            raise ValueError("peft.distill_dreams needs peft.distill_base > 0 (the dreams are distilled with its "
+                             "weight); set both, or drop distill_dreams.")
+        if self.distill_dreams and self.bn != "frozen":
+            raise ValueError("peft.distill_dreams needs peft.bn: frozen (trained BatchNorm statistics would move "
+                             "toward the synthetic images).")
         if self.rank_plan not in RANK_PLANS:
             raise ValueError(f"peft.rank_plan must be one of {list(RANK_PLANS)}, not {self.rank_plan!r}.")
         if not isinstance(self.methods, list) or not self.methods:

@@ -24,11 +24,16 @@ responses drift.
 
 The teacher is a copy of the model with no adapter active (the untouched base), run without gradients; it lives in
 the loss, not in the model, so checkpoints and the EMA never carry it (Ultralytics strips ``criterion`` on save).
+
+With synthetic images of what the base knew (:mod:`.dreams`, ``peft.distill_dreams``), each loss call also runs
+the student on a quarter-batch of them and adds the same terms against the teacher's outputs there (computed once):
+the new images alone hardly excite the base-class responses that the adapters move.
 """
 
 from __future__ import annotations
 
 import copy
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -76,24 +81,52 @@ class BaseDistillLoss:
         self.det = model.init_criterion()
         self.teacher = untouched_copy(model)
         self.head, self.weight, self.keep_base, self.kind = head, float(weight), keep_base, kind
+        self.student = weakref.ref(model)  # the trained model runs the dreams; a weak reference, no cycle
+        self.dreams: torch.Tensor | None = None
+        self.dream_targets: dict[str, torch.Tensor | list[torch.Tensor]] = {}
+        self.dream_step = 0
+
+    def set_dreams(self, images: torch.Tensor, chunk: int = 16) -> None:
+        """Also distill on ``images`` (:mod:`.dreams`); the teacher's outputs on them are computed here, once."""
+        parts = [self._teacher_outputs(images[i:i + chunk]) for i in range(0, len(images), chunk)]
+        self.dream_targets = {k: ([torch.cat([p[k][j] for p in parts]) for j in range(len(parts[0][k]))]
+                                  if isinstance(parts[0][k], list) else torch.cat([p[k] for p in parts]))
+                              for k in ("scores", "boxes", "feats")}
+        self.dreams = images
 
     def __call__(self, preds, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         loss, items = self.det(preds, batch)
-        raw = self.det.parse_output(preds)
-        kd = self.distill(raw, batch["img"])
+        img = batch["img"]
+        kd = self.match(self.det.parse_output(preds), self._teacher_outputs(img), img.shape[0])
+        if self.dreams is not None:
+            kd = kd + self._dream_term(max(1, img.shape[0] // 4), img)
         items = {**items, "kd_loss": kd.detach()}
-        return torch.cat((loss, (self.weight * kd * batch["img"].shape[0]).view(1))), items
+        return torch.cat((loss, (self.weight * kd * img.shape[0]).view(1))), items
+
+    def _dream_term(self, n: int, like: torch.Tensor) -> torch.Tensor:
+        """The terms on the next ``n`` dreams (in turn, no random draw: the run's streams stay as they were)."""
+        idx = (torch.arange(n) + self.dream_step * n) % len(self.dreams)
+        self.dream_step += 1
+        raw = self.det.parse_output(self.student()(self.dreams[idx].to(like.device, like.dtype)))
+        target = {k: ([t[idx].to(like.device) for t in v] if isinstance(v, list) else v[idx].to(like.device))
+                  for k, v in self.dream_targets.items()}
+        return self.match(raw, target, n)
+
+    def _teacher_outputs(self, img: torch.Tensor) -> dict:
+        with torch.no_grad():
+            out = self.teacher(img)
+        return out[1] if isinstance(out, tuple) else out
 
     def distill(self, raw: dict[str, torch.Tensor], img: torch.Tensor) -> torch.Tensor:
         """The distillation terms for one batch, given the student's raw head outputs (``boxes``, ``feats``)."""
-        with torch.no_grad():
-            out = self.teacher(img)
-            target = out[1] if isinstance(out, tuple) else out
+        return self.match(raw, self._teacher_outputs(img), img.shape[0])
+
+    def match(self, raw: dict[str, torch.Tensor], target: dict, bs: int) -> torch.Tensor:
+        """The distillation terms of the student's raw head outputs against the teacher's (``target``)."""
         if self.kind == "features":
             return sum(((s - t).pow(2).mean() / t.pow(2).mean().clamp(min=1e-12))
                        for s, t in zip(raw["feats"], target["feats"], strict=True))
         t_prob = target["scores"].sigmoid()  # (B, nc_base, A), no gradient: the teacher's
-        bs = img.shape[0]
         base_head = self.teacher.model[-1]
         if self.keep_base == SHARED_TRUNK:  # the base's own head reads the shared, adapted trunk
             student = base_head.forward_head(raw["feats"], **base_head.one2many)

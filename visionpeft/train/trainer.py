@@ -27,7 +27,9 @@ AMP, progress bars, ``results.csv``). The overrides below handle what full fine-
 from __future__ import annotations
 
 import copy
+import json
 import os
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -54,6 +56,7 @@ from . import ddp, resume_state, runlock
 from .baseline import BaselineDetectionTrainer
 from .config import PeftSpec
 from .distill import DISTILL_KINDS, BaseDistillLoss
+from .dreams import load_or_dream
 from .rank_probe import probe_losses
 
 SPEC_KEY = "train"  # model.visionpeft[SPEC_KEY]: the PeftSpec a checkpoint was trained with (for resume)
@@ -107,11 +110,26 @@ class PeftDetectionTrainer(BaselineDetectionTrainer):
         untouched base (``peft.distill_base``); the EMA keeps Ultralytics' loss for its validation."""
         if self.peft.distill_base:
             model = unwrap_model(self.model)
-            model.criterion = BaseDistillLoss(model, self.peft.distill_base, keep_base=self.peft.keep_base,
-                                              kind=self.peft.distill_kind)
+            loss = BaseDistillLoss(model, self.peft.distill_base, keep_base=self.peft.keep_base,
+                                   kind=self.peft.distill_kind)
             if RANK in {-1, 0}:
                 LOGGER.info(f"visionpeft: distilling the untouched base's {DISTILL_KINDS[self.peft.distill_kind]} "
                             f"(weight {self.peft.distill_base:g}; loss item kd_loss)")
+            if self.peft.distill_dreams:
+                self._add_dreams(loss, model)
+            model.criterion = loss
+
+    def _add_dreams(self, loss: BaseDistillLoss, model: nn.Module) -> None:
+        """Synthetic images of what the base knew (``peft.distill_dreams``), made once per run folder."""
+        spec, t0 = self.peft, time.perf_counter()
+        path = Path(self.save_dir) / "dreams.safetensors"
+        images, made = load_or_dream(loss.teacher, path, spec.distill_dreams, int(self.args.imgsz), spec.dream_steps,
+                                     int(self.args.seed), json.dumps(model.visionpeft["fingerprint"], sort_keys=True))
+        loss.set_dreams(images.to(self.device))
+        if RANK in {-1, 0}:
+            how = f"made in {time.perf_counter() - t0:.0f} s" if made else "read"
+            LOGGER.info(f"visionpeft: {len(images)} synthetic images of the base's BatchNorm statistics ({how}, "
+                        f"'{path}') distilled beside each batch")
 
     # -- run folder --------------------------------------------------------------------------------------------
     def check_resume(self, overrides) -> None:

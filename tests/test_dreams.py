@@ -1,0 +1,108 @@
+"""peft.distill_dreams: synthetic images from the base's BatchNorm statistics, distilled beside each batch.
+
+Real yolo11n.pt, real crop_weed photos, 64 px.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import randomize_adapters
+from safetensors import safe_open
+from torch import nn
+from ultralytics.cfg import get_cfg
+
+import visionpeft as vp
+from visionpeft.export.images import letterbox
+from visionpeft.settings import datasets_dir
+from visionpeft.train import PeftSpec
+from visionpeft.train.distill import BaseDistillLoss, untouched_copy
+from visionpeft.train.dreams import dream_images, load_or_dream
+
+IMGSZ = 64
+NAMES = ["crop", "weed"]
+
+
+def stats_distance(model: nn.Module, x: torch.Tensor) -> float:
+    """Sum over BatchNorms of the distance of the batch's input statistics to the running ones."""
+    out = []
+
+    def hook(m, args):
+        v = args[0]
+        out.append(((v.mean((0, 2, 3)) - m.running_mean).norm() + (v.var((0, 2, 3), unbiased=False)
+                                                                    - m.running_var).norm()).item())
+
+    hooks = [m.register_forward_pre_hook(hook) for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    return sum(out)
+
+
+@pytest.fixture(scope="module")
+def crop_images() -> torch.Tensor:
+    files = sorted((datasets_dir() / "crop_weed" / "valid" / "images").glob("*.jpg"))[:4]
+    return torch.from_numpy(np.concatenate([letterbox(f, (IMGSZ, IMGSZ)) for f in files]))
+
+
+def test_dreams_match_the_base_statistics_and_leave_the_random_streams(base):
+    teacher = base("yolo11n.pt").eval().requires_grad_(False)
+    state = torch.get_rng_state()
+    dreams = dream_images(teacher, n=4, imgsz=IMGSZ, steps=40, seed=0, batch=4)
+    assert torch.equal(torch.get_rng_state(), state)  # the run's own draws stay as they were
+    assert dreams.shape == (4, 3, IMGSZ, IMGSZ) and dreams.min() >= 0 and dreams.max() <= 1
+    noise = torch.rand(4, 3, IMGSZ, IMGSZ, generator=torch.Generator().manual_seed(0))
+    assert stats_distance(teacher, dreams) < 0.7 * stats_distance(teacher, noise)  # what was optimised
+    assert torch.equal(dream_images(teacher, n=4, imgsz=IMGSZ, steps=40, seed=0, batch=4), dreams)  # reproducible
+    assert not all(p.grad is not None for p in teacher.parameters())  # nothing of the base trained
+
+
+def test_saved_dreams_are_reused_only_for_the_same_settings(base, tmp_path):
+    teacher = base("yolo11n.pt").eval().requires_grad_(False)
+    path = tmp_path / "run" / "dreams.safetensors"
+    first, made = load_or_dream(teacher, path, n=2, imgsz=IMGSZ, steps=3, seed=0, fingerprint="abc")
+    assert made and path.is_file() and not (path.parent / ".dreams.safetensors.tmp").exists()
+    with safe_open(str(path), "pt") as f:
+        assert f.metadata() == {"n": "2", "imgsz": str(IMGSZ), "steps": "3", "seed": "0", "base": "abc"}
+    again, made = load_or_dream(teacher, path, n=2, imgsz=IMGSZ, steps=3, seed=0, fingerprint="abc")
+    assert not made and torch.equal(again, first)  # a resumed run reads the very images it distilled on
+    other, made = load_or_dream(teacher, path, n=2, imgsz=IMGSZ, steps=3, seed=0, fingerprint="another base")
+    assert made and torch.equal(other, first)  # another base: made again (same weights here, so the same)
+    path.write_bytes(b"not a safetensors file")
+    _, made = load_or_dream(teacher, path, n=2, imgsz=IMGSZ, steps=3, seed=1, fingerprint="abc")
+    assert made  # unreadable: made again, not an error
+
+
+def test_the_dream_term_is_the_base_distillation_on_the_dreams(base, crop_images):
+    model = base("yolo11n.pt")
+    vp.inject(model, vp.DoraConfig(r=4, alpha=8), adapter_name="plain", names=NAMES, keep_base="classes")
+    model.args = get_cfg()
+    loss = BaseDistillLoss(model, weight=1.0, keep_base="classes")
+    dreams = dream_images(untouched_copy(model), n=3, imgsz=IMGSZ, steps=5, seed=0, batch=3)
+    loss.set_dreams(dreams)
+    model.train()
+    vp.set_adapter(model, "plain")
+    batch = {"img": crop_images, "batch_idx": torch.tensor([0.0, 1.0]), "cls": torch.tensor([[0.0], [1.0]]),
+             "bboxes": torch.tensor([[0.5, 0.5, 0.2, 0.2], [0.3, 0.4, 0.1, 0.2]])}
+    at_init = loss(model(batch["img"]), batch)[1]["kd_loss"]
+    assert -1e-6 < at_init.item() < 1e-3  # DoRA at init is the base, on the dreams too
+    randomize_adapters(model, seed=1)
+    with torch.no_grad():
+        on_batch = loss.distill(model(batch["img"]), batch["img"])
+        on_dreams = loss.distill(model(dreams[[1]]), dreams[[1]])  # the next in turn: 4 // 4 = 1 dream, the second
+    total, items = loss(model(batch["img"]), batch)
+    assert loss.dream_step == 2 and torch.allclose(items["kd_loss"], on_batch + on_dreams, rtol=1e-4)
+    total.sum().backward()
+    grads = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.any()}
+    assert grads and all(".adapters.plain." in n for n in grads)  # the dreams move the adapter only
+
+
+def test_dream_settings_are_checked():
+    with pytest.raises(ValueError, match=r"peft.distill_dreams needs peft.distill_base > 0"):
+        PeftSpec(distill_dreams=8)
+    with pytest.raises(ValueError, match=r"peft.distill_dreams needs peft.bn: frozen"):
+        PeftSpec(distill_base=1.0, distill_dreams=8, bn="train")
+    with pytest.raises(ValueError, match=r"peft.dream_steps must be a whole number >= 0, not 0.5"):
+        PeftSpec(distill_base=1.0, distill_dreams=8, dream_steps=0.5)

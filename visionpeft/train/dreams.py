@@ -1,0 +1,96 @@
+"""Synthetic images of what a base model knew, from its BatchNorm statistics alone (``peft.distill_dreams``).
+
+A keep-base run trains on the new dataset only, and on those images the adapted trunk hardly moves the base's class
+scores; on COCO's images it moves them five times as much (README, "Keep the base classes"): distillation on the
+new images cannot see the drift that costs the base classes their mAP. DeepInversion (Yin et al. 2020, "Dreaming
+to distill"; for detectors DIODE, Chawla et al. 2021) recovers inputs that excite what the base learned without
+any of its data: images optimised until every BatchNorm's batch statistics match the running statistics the base
+kept from its own training set. The distillation (:mod:`.distill`) then also matches the base on these images.
+
+The images depend only on the base weights, their number, size, optimisation steps and seed; they are saved in the
+run folder (``dreams.safetensors``, tensors and metadata only) and reused when a run with the same settings resumes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+TV_WEIGHT = 20.0  # total variation: smooth images, as DeepInversion's image prior (its weights: 1e-4 .. 1e-2 of l2)
+JITTER = 1 / 16  # random shift per step, a fraction of the image size (DeepInversion's jitter: 30 of 224 px)
+
+
+def _norm_layers(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, nn.BatchNorm2d) and m.running_var is not None]
+
+
+def dream_images(model: nn.Module, n: int, imgsz: int, steps: int, seed: int = 0, batch: int = 16,
+                 lr: float = 0.1) -> torch.Tensor:
+    """``n`` RGB images (``n, 3, imgsz, imgsz``, values in 0-1) whose statistics at every BatchNorm of ``model``
+    (eval mode, frozen) match its running ones, after ``steps`` Adam steps per batch of ``batch`` images.
+
+    The loss per batch is DeepInversion's: for each BatchNorm the distance of its input's per-channel mean and
+    variance over the batch to the running ones, plus a total-variation prior; the image is jittered and flipped
+    at random each step. The run's random streams are left as they were."""
+    norms = _norm_layers(model)
+    if not norms:
+        raise ValueError("distill_dreams needs a base with BatchNorm layers (their statistics are what it matches).")
+    stats: list[torch.Tensor] = []
+
+    def match(module: nn.Module, args: tuple) -> None:
+        x = args[0].float()
+        mean, var = x.mean((0, 2, 3)), x.var((0, 2, 3), unbiased=False)
+        stats.append((mean - module.running_mean).norm() + (var - module.running_var).norm())
+
+    hooks = [m.register_forward_pre_hook(match) for m in norms]
+    gen = torch.Generator().manual_seed(seed)
+    shift = max(1, round(imgsz * JITTER))
+    out = []
+    try:
+        with torch.enable_grad():
+            for start in range(0, n, batch):
+                logits = (torch.randn(min(batch, n - start), 3, imgsz, imgsz, generator=gen) * 0.2).requires_grad_()
+                opt = torch.optim.Adam([logits], lr=lr, betas=(0.5, 0.99))
+                sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(steps, 1))
+                for _ in range(steps):
+                    dy, dx = torch.randint(-shift, shift + 1, (2,), generator=gen).tolist()
+                    img = torch.roll(logits, (dy, dx), (2, 3)).sigmoid()
+                    if torch.rand((), generator=gen) < 0.5:
+                        img = img.flip(3)
+                    stats.clear()
+                    model(img)
+                    tv = (img[..., 1:, :] - img[..., :-1, :]).abs().mean() + (img[..., 1:] - img[..., :-1]).abs().mean()
+                    loss = sum(stats) + TV_WEIGHT * tv
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    sched.step()
+                out.append(logits.detach().sigmoid())
+    finally:
+        for h in hooks:
+            h.remove()
+    return torch.cat(out)
+
+
+def load_or_dream(model: nn.Module, path: Path, n: int, imgsz: int, steps: int, seed: int,
+                  fingerprint: str) -> tuple[torch.Tensor, bool]:
+    """The images of :func:`dream_images` for these settings: read from ``path`` if it holds them (a resumed run),
+    else made and saved there. Returns the images and whether they were made now."""
+    meta = {"n": str(n), "imgsz": str(imgsz), "steps": str(steps), "seed": str(seed), "base": fingerprint}
+    if path.is_file():
+        try:
+            with safe_open(str(path), "pt") as f:
+                if (f.metadata() or {}) == meta:
+                    return f.get_tensor("images").float(), False
+        except (SafetensorError, OSError):
+            pass  # unreadable: make them again
+    images = dream_images(model, n, imgsz, steps, seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({"images": images.to(torch.float16).contiguous()}, str(tmp), metadata=meta)
+    tmp.replace(path)
+    return images.to(torch.float16).float(), True  # the saved precision, so a resumed run sees the same images
