@@ -97,7 +97,7 @@ class BaseDistillLoss:
     def __call__(self, preds, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         loss, items = self.det(preds, batch)
         img = batch["img"]
-        kd = self.match(self.det.parse_output(preds), self._teacher_outputs(img), img.shape[0])
+        kd = self.distill(self.det.parse_output(preds), img)
         if self.dreams is not None:
             kd = kd + self._dream_term(max(1, img.shape[0] // 4), img)
         items = {**items, "kd_loss": kd.detach()}
