@@ -91,6 +91,23 @@ def test_killed_and_resumed_run_equals_the_uninterrupted_run(tmp_path):
     assert rows(moved) == rows(tmp_path / "straight")
 
 
+def test_a_resumed_dream_run_distills_on_the_same_dreams_in_the_same_order(tmp_path, caplog):
+    """peft.distill_dreams: the resumed run reads the dreams its folder holds and takes them in the order the
+    uninterrupted run did (3 dreams, one a batch, 5 batches an epoch: a restarted count would shift them)."""
+    args = {**EXACT, "project": str(tmp_path), "peft.keep_base": "classes", "peft.distill_base": 1.0,
+            "peft.distill_dreams": 3, "peft.dream_steps": 2}
+    train("crops.yaml", name="straight", **args)
+    with pytest.raises(KeyboardInterrupt):
+        train("crops.yaml", callbacks=stop_after(1), name="cut", **args)
+    caplog.clear()
+    train("crops.yaml", resume=True, project=str(tmp_path), name="cut")
+    assert "3 synthetic images of the base's BatchNorm statistics (read" in caplog.text
+    straight, _ = read_adapter(tmp_path / "straight" / "weights" / "last.safetensors")
+    resumed, _ = read_adapter(tmp_path / "cut" / "weights" / "last.safetensors")
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    assert rows(tmp_path / "cut") == rows(tmp_path / "straight")
+
+
 def test_resume_true_finds_ultralytics_numbered_runs(tmp_path):
     """Ultralytics numbers a second run of ``crops`` ``crops-2`` (increment_path); resume=True picks the newest."""
     from ultralytics.utils.files import increment_path

@@ -104,7 +104,8 @@ class BaseDistillLoss:
         return torch.cat((loss, (self.weight * kd * img.shape[0]).view(1))), items
 
     def _dream_term(self, n: int, like: torch.Tensor) -> torch.Tensor:
-        """The terms on the next ``n`` dreams (in turn, no random draw: the run's streams stay as they were)."""
+        """The terms on the next ``n`` dreams, in turn (no random draw: the run's streams stay as they were); the
+        trainer sets ``dream_step`` to the batch's index in the run, so a resumed run distills on the same ones."""
         idx = (torch.arange(n) + self.dream_step * n) % len(self.dreams)
         self.dream_step += 1
         raw = self.det.parse_output(self.student()(self.dreams[idx].to(like.device, like.dtype)))

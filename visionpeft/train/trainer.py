@@ -295,6 +295,9 @@ class PeftDetectionTrainer(BaselineDetectionTrainer):
 
     def _batch_started(self) -> None:
         self._batch_i += 1
+        loss = getattr(unwrap_model(self.model), "criterion", None)
+        if isinstance(loss, BaseDistillLoss):  # dreams in turn by Ultralytics' `ni`, so a resumed run takes the same
+            loss.dream_step = self._batch_i + len(self.train_loader) * self.epoch
 
     def _epoch_started(self) -> None:
         """Callback: on the first resumed epoch, put back the random streams and gradients of the interrupted
