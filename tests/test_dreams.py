@@ -18,7 +18,7 @@ from visionpeft.export.images import letterbox
 from visionpeft.settings import datasets_dir
 from visionpeft.train import PeftSpec
 from visionpeft.train.distill import BaseDistillLoss, untouched_copy
-from visionpeft.train.dreams import dream_images, load_or_dream
+from visionpeft.train.dreams import dream_images, load_or_dream, zoom_flip
 
 IMGSZ = 64
 NAMES = ["crop", "weed"]
@@ -100,6 +100,45 @@ def test_the_dream_term_is_the_base_distillation_on_the_dreams(base, crop_images
     assert grads and all(".adapters.plain." in n for n in grads)  # the dreams move the adapter only
 
 
+def test_zoom_flip_views_are_drawn_from_their_generator_only(crop_images):
+    images = crop_images[:3]
+    state = torch.get_rng_state()
+    views = zoom_flip(images, torch.Generator().manual_seed(5))
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(zoom_flip(images, torch.Generator().manual_seed(5)), views)  # a resumed run's views
+    assert views.shape == images.shape and not torch.equal(zoom_flip(images, torch.Generator().manual_seed(6)), views)
+    same = zoom_flip(images, torch.Generator().manual_seed(0), max_zoom=1.0)  # no zoom: the image or its mirror
+    assert all(torch.allclose(v, x, atol=1e-6) or torch.allclose(v, x.flip(-1), atol=1e-6)
+               for v, x in zip(same, images, strict=True))
+    out = zoom_flip(torch.ones_like(images), torch.Generator().manual_seed(1), max_zoom=4.0)
+    canvas = torch.isclose(out, torch.tensor(114 / 255))  # zoomed out: Ultralytics' grey around the shrunk image
+    assert (canvas | torch.isclose(out, torch.tensor(1.0))).all() and canvas.any()
+
+
+def test_augmented_dreams_are_distilled_on_the_teacher_view_with_their_own_weight(base, crop_images):
+    model = base("yolo11n.pt")
+    vp.inject(model, vp.DoraConfig(r=4, alpha=8), adapter_name="plain", names=NAMES, keep_base="classes")
+    model.args = get_cfg()
+    loss = BaseDistillLoss(model, weight=0.5, keep_base="classes")
+    dreams = dream_images(untouched_copy(model), n=3, imgsz=IMGSZ, steps=5, seed=0, batch=3)
+    loss.set_dreams(dreams, weight=2.0, augment=True, seed=3)
+    assert not loss.dream_targets  # the teacher runs on each step's view, nothing computed ahead
+    model.train()
+    vp.set_adapter(model, "plain")
+    randomize_adapters(model, seed=1)
+    batch = {"img": crop_images, "batch_idx": torch.tensor([0.0, 1.0]), "cls": torch.tensor([[0.0], [1.0]]),
+             "bboxes": torch.tensor([[0.5, 0.5, 0.2, 0.2], [0.3, 0.4, 0.1, 0.2]])}
+    loss.dream_step = 7  # the trainer's batch index: dream 7 % 3 = 1, its view drawn from seed 3 and step 7
+    view = zoom_flip(dreams[[1]], torch.Generator().manual_seed(3 * 1_000_003 + 7))
+    with torch.no_grad():
+        on_batch = loss.distill(model(batch["img"]), batch["img"])
+        on_view = loss.distill(model(view), view)
+        on_fixed = loss.distill(model(dreams[[1]]), dreams[[1]])
+    total, items = loss(model(batch["img"]), batch)
+    assert torch.allclose(items["kd_loss"], on_batch + 4.0 * on_view, rtol=1e-4)  # kd_loss in units of weight 0.5
+    assert torch.allclose(total[-1], 0.5 * items["kd_loss"] * len(crop_images)) and not torch.isclose(on_view, on_fixed)
+
+
 def test_dream_settings_are_checked():
     with pytest.raises(ValueError, match=r"peft.distill_dreams needs peft.distill_base > 0"):
         PeftSpec(distill_dreams=8)
@@ -107,3 +146,9 @@ def test_dream_settings_are_checked():
         PeftSpec(distill_base=1.0, distill_dreams=8, bn="train")
     with pytest.raises(ValueError, match=r"peft.dream_steps must be a whole number >= 0, not 0.5"):
         PeftSpec(distill_base=1.0, distill_dreams=8, dream_steps=0.5)
+    with pytest.raises(ValueError, match=r"peft.dream_weight and peft.dream_augment act on peft.distill_dreams"):
+        PeftSpec(distill_base=1.0, dream_augment=True)
+    with pytest.raises(ValueError, match=r"peft.dream_weight: must be a number >= 0"):
+        PeftSpec(distill_base=1.0, distill_dreams=8, dream_weight="x")
+    with pytest.raises(ValueError, match=r"peft.dream_augment must be true or false, not 'yes'"):
+        PeftSpec(distill_base=1.0, distill_dreams=8, dream_augment="yes")

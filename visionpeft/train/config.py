@@ -92,7 +92,8 @@ class PeftSpec:
     ``scores`` (class probabilities and box distributions), ``logits`` (class logits, L2, and box distributions) or
     ``features`` (the head's input features, L2). ``distill_dreams``: also distill on this many synthetic images of
     what the base knew, made from its BatchNorm statistics at the start of the run (:mod:`.dreams`; 0: off), with
-    ``dream_steps`` optimisation steps each.
+    ``dream_steps`` optimisation steps each, distilled with ``dream_weight`` (default: ``distill_base``);
+    ``dream_augment``: each step distills on a new zoomed and flipped view of its dreams, not the fixed images.
     """
 
     adapter_name: str = "default"
@@ -109,6 +110,8 @@ class PeftSpec:
     distill_kind: str = "scores"
     distill_dreams: int = 0
     dream_steps: int = 200
+    dream_weight: float | None = None
+    dream_augment: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.adapter_name, str) or not self.adapter_name or "." in self.adapter_name:
@@ -141,6 +144,16 @@ class PeftSpec:
         if self.distill_dreams and not self.distill_base:
             raise ValueError("peft.distill_dreams needs peft.distill_base > 0 (the dreams are distilled with its "
                              "weight); set both, or drop distill_dreams.")
+        if self.dream_weight is not None:
+            try:
+                check_distill_base(self.dream_weight)
+            except ValueError as e:
+                raise ValueError(f"peft.dream_weight: {e}".replace("distill_base must", "must")) from None
+        if not isinstance(self.dream_augment, bool):
+            raise ValueError(f"peft.dream_augment must be true or false, not {self.dream_augment!r}.")
+        if not self.distill_dreams and (self.dream_weight is not None or self.dream_augment):
+            raise ValueError("peft.dream_weight and peft.dream_augment act on peft.distill_dreams; set "
+                             "distill_dreams: N (e.g. 32), or drop them.")
         if self.distill_dreams and self.bn != "frozen":
             raise ValueError("peft.distill_dreams needs peft.bn: frozen (trained BatchNorm statistics would move "
                              "toward the synthetic images).")

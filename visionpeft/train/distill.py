@@ -26,8 +26,9 @@ The teacher is a copy of the model with no adapter active (the untouched base), 
 the loss, not in the model, so checkpoints and the EMA never carry it (Ultralytics strips ``criterion`` on save).
 
 With synthetic images of what the base knew (:mod:`.dreams`, ``peft.distill_dreams``), each loss call also runs
-the student on a quarter-batch of them and adds the same terms against the teacher's outputs there (computed once):
-the new images alone hardly excite the base-class responses that the adapters move.
+the student on a quarter-batch of them and adds the same terms against the teacher's outputs there (computed once,
+or on each step's new view of them with ``peft.dream_augment``), with ``peft.dream_weight``: the new images alone
+hardly excite the base-class responses that the adapters move.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from torch import nn
 
 from ..inject import set_adapter
 from ..keep_modes import SHARED_BOXES, SHARED_TRUNK
+from .dreams import zoom_flip
 
 # what each kind matches, as the trainer's log line says it
 DISTILL_KINDS = {"scores": "class scores and boxes", "logits": "class logits and boxes",
@@ -86,31 +88,46 @@ class BaseDistillLoss:
         self.dream_targets: dict[str, torch.Tensor | list[torch.Tensor]] = {}
         self.dream_step = 0
 
-    def set_dreams(self, images: torch.Tensor, chunk: int = 16) -> None:
-        """Also distill on ``images`` (:mod:`.dreams`); the teacher's outputs on them are computed here, once."""
-        parts = [self._teacher_outputs(images[i:i + chunk]) for i in range(0, len(images), chunk)]
-        self.dream_targets = {k: ([torch.cat([p[k][j] for p in parts]) for j in range(len(parts[0][k]))]
-                                  if isinstance(parts[0][k], list) else torch.cat([p[k] for p in parts]))
-                              for k in ("scores", "boxes", "feats")}
+    def set_dreams(self, images: torch.Tensor, weight: float | None = None, augment: bool = False, seed: int = 0,
+                   chunk: int = 16) -> None:
+        """Also distill on ``images`` (:mod:`.dreams`), with ``weight`` (default: the loss's own). Fixed images:
+        the teacher's outputs on them are computed here, once; ``augment``: each step sees a new zoomed and flipped
+        view of its dreams (:func:`.dreams.zoom_flip`, drawn from ``seed`` and the step), and the teacher runs on it."""
+        self.dream_weight = self.weight if weight is None else float(weight)
+        self.dream_augment, self.dream_seed = bool(augment), int(seed)
+        self.dream_targets = {}
+        if not augment:
+            parts = [self._teacher_outputs(images[i:i + chunk]) for i in range(0, len(images), chunk)]
+            self.dream_targets = {k: ([torch.cat([p[k][j] for p in parts]) for j in range(len(parts[0][k]))]
+                                      if isinstance(parts[0][k], list) else torch.cat([p[k] for p in parts]))
+                                  for k in ("scores", "boxes", "feats")}
         self.dreams = images
 
     def __call__(self, preds, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         loss, items = self.det(preds, batch)
         img = batch["img"]
         kd = self.distill(self.det.parse_output(preds), img)
-        if self.dreams is not None:
-            kd = kd + self._dream_term(max(1, img.shape[0] // 4), img)
+        if self.dreams is not None:  # in units of the loss's weight, as kd_loss is logged
+            kd = kd + self.dream_weight / self.weight * self._dream_term(max(1, img.shape[0] // 4), img)
         items = {**items, "kd_loss": kd.detach()}
         return torch.cat((loss, (self.weight * kd * img.shape[0]).view(1))), items
 
     def _dream_term(self, n: int, like: torch.Tensor) -> torch.Tensor:
-        """The terms on the next ``n`` dreams, in turn (no random draw: the run's streams stay as they were); the
-        trainer sets ``dream_step`` to the batch's index in the run, so a resumed run distills on the same ones."""
+        """The terms on the next ``n`` dreams, in turn (no draw from the run's random streams); the trainer sets
+        ``dream_step`` to the batch's index in the run, so a resumed run distills on the same ones (and views)."""
         idx = (torch.arange(n) + self.dream_step * n) % len(self.dreams)
+        images = self.dreams[idx]
+        if self.dream_augment:
+            gen = torch.Generator().manual_seed(self.dream_seed * 1_000_003 + self.dream_step)
+            images = zoom_flip(images, gen)
         self.dream_step += 1
-        raw = self.det.parse_output(self.student()(self.dreams[idx].to(like.device, like.dtype)))
-        target = {k: ([t[idx].to(like.device) for t in v] if isinstance(v, list) else v[idx].to(like.device))
-                  for k, v in self.dream_targets.items()}
+        images = images.to(like.device, like.dtype)
+        raw = self.det.parse_output(self.student()(images))
+        if self.dream_augment:
+            target = self._teacher_outputs(images)
+        else:
+            target = {k: ([t[idx].to(like.device) for t in v] if isinstance(v, list) else v[idx].to(like.device))
+                      for k, v in self.dream_targets.items()}
         return self.match(raw, target, n)
 
     def _teacher_outputs(self, img: torch.Tensor) -> dict:

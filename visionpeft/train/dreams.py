@@ -9,6 +9,7 @@ kept from its own training set. The distillation (:mod:`.distill`) then also mat
 
 The images depend only on the base weights, their number, size, optimisation steps and seed; they are saved in the
 run folder (``dreams.safetensors``, tensors and metadata only) and reused when a run with the same settings resumes.
+A run distils on a fixed set of them; :func:`zoom_flip` gives each step new views of it (``peft.dream_augment``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
+from torch.nn import functional as F
 
 TV_WEIGHT = 20.0  # total variation: smooth images, as DeepInversion's image prior (its weights: 1e-4 .. 1e-2 of l2)
 JITTER = 1 / 16  # random shift per step, a fraction of the image size (DeepInversion's jitter: 30 of 224 px)
@@ -74,6 +76,24 @@ def dream_images(model: nn.Module, n: int, imgsz: int, steps: int, seed: int = 0
         for h in hooks:
             h.remove()
     return torch.cat(out)
+
+
+def zoom_flip(images: torch.Tensor, gen: torch.Generator, max_zoom: float = 2.0) -> torch.Tensor:
+    """Each image zoomed by a factor drawn log-uniformly from ``1 / max_zoom`` to ``max_zoom`` (in: a random crop
+    resized to the full size; out: shrunk onto a grey canvas at a random place, as Ultralytics' letterbox fills) and
+    flipped left-right with probability 0.5. Draws only from ``gen``."""
+    n, c, h, w = images.shape
+    out = images.new_full(images.shape, 114 / 255)
+    log_zoom = (torch.rand(n, generator=gen) * 2 - 1) * torch.log(torch.tensor(max_zoom))
+    flips = torch.rand(n, generator=gen) < 0.5
+    for i, (img, z) in enumerate(zip(images, log_zoom.exp().tolist(), strict=True)):
+        ch, cw = max(1, round(h / max(z, 1.0))), max(1, round(w / max(z, 1.0)))  # the crop (all of it at z <= 1)
+        y, x = (torch.randint(0, d + 1, (), generator=gen).item() for d in (h - ch, w - cw))
+        th, tw = max(1, round(h * min(z, 1.0))), max(1, round(w * min(z, 1.0)))  # its size on the canvas
+        v = F.interpolate(img[None, :, y:y + ch, x:x + cw], (th, tw), mode="bilinear", align_corners=False)[0]
+        ty, tx = (torch.randint(0, d + 1, (), generator=gen).item() for d in (h - th, w - tw))
+        out[i, :, ty:ty + th, tx:tx + tw] = v.flip(-1) if flips[i] else v
+    return out
 
 
 def load_or_dream(model: nn.Module, path: Path, n: int, imgsz: int, steps: int, seed: int,
