@@ -86,7 +86,7 @@ class BaseDistillLoss:
         self.student = weakref.ref(model)  # the trained model runs the dreams; a weak reference, no cycle
         self.dreams: torch.Tensor | None = None
         self.dream_targets: dict[str, torch.Tensor | list[torch.Tensor]] = {}
-        self.dream_step = 0
+        self.dream_step, self.dream_weight, self.dream_augment, self.dream_seed = 0, self.weight, False, 0
 
     def set_dreams(self, images: torch.Tensor, weight: float | None = None, augment: bool = False, seed: int = 0,
                    chunk: int = 16) -> None:

@@ -82,7 +82,7 @@ def zoom_flip(images: torch.Tensor, gen: torch.Generator, max_zoom: float = 2.0)
     """Each image zoomed by a factor drawn log-uniformly from ``1 / max_zoom`` to ``max_zoom`` (in: a random crop
     resized to the full size; out: shrunk onto a grey canvas at a random place, as Ultralytics' letterbox fills) and
     flipped left-right with probability 0.5. Draws only from ``gen``."""
-    n, c, h, w = images.shape
+    n, _, h, w = images.shape
     out = images.new_full(images.shape, 114 / 255)
     log_zoom = (torch.rand(n, generator=gen) * 2 - 1) * torch.log(torch.tensor(max_zoom))
     flips = torch.rand(n, generator=gen) < 0.5
