@@ -76,17 +76,27 @@ def test_saved_dreams_are_reused_only_for_the_same_settings(base, tmp_path):
     assert made  # unreadable: made again, not an error
 
 
-def test_the_dream_term_is_the_base_distillation_on_the_dreams(base, crop_images):
+def dream_loss(base, kd_weight: float, **dreams_kw) -> tuple[nn.Module, BaseDistillLoss, torch.Tensor]:
+    """A DoRA keep-base model in training mode, its distillation loss at ``kd_weight`` and 3 dreams set on it."""
     model = base("yolo11n.pt")
     vp.inject(model, vp.DoraConfig(r=4, alpha=8), adapter_name="plain", names=NAMES, keep_base="classes")
     model.args = get_cfg()
-    loss = BaseDistillLoss(model, weight=1.0, keep_base="classes")
+    loss = BaseDistillLoss(model, weight=kd_weight, keep_base="classes")
     dreams = dream_images(untouched_copy(model), n=3, imgsz=IMGSZ, steps=5, seed=0, batch=3)
-    loss.set_dreams(dreams)
+    loss.set_dreams(dreams, **dreams_kw)
     model.train()
     vp.set_adapter(model, "plain")
-    batch = {"img": crop_images, "batch_idx": torch.tensor([0.0, 1.0]), "cls": torch.tensor([[0.0], [1.0]]),
-             "bboxes": torch.tensor([[0.5, 0.5, 0.2, 0.2], [0.3, 0.4, 0.1, 0.2]])}
+    return model, loss, dreams
+
+
+def labelled(images: torch.Tensor) -> dict:
+    return {"img": images, "batch_idx": torch.tensor([0.0, 1.0]), "cls": torch.tensor([[0.0], [1.0]]),
+            "bboxes": torch.tensor([[0.5, 0.5, 0.2, 0.2], [0.3, 0.4, 0.1, 0.2]])}
+
+
+def test_the_dream_term_is_the_base_distillation_on_the_dreams(base, crop_images):
+    model, loss, dreams = dream_loss(base, 1.0)
+    batch = labelled(crop_images)
     at_init = loss(model(batch["img"]), batch)[1]["kd_loss"]
     assert -1e-6 < at_init.item() < 1e-3  # DoRA at init is the base, on the dreams too
     randomize_adapters(model, seed=1)
@@ -116,18 +126,10 @@ def test_zoom_flip_views_are_drawn_from_their_generator_only(crop_images):
 
 
 def test_augmented_dreams_are_distilled_on_the_teacher_view_with_their_own_weight(base, crop_images):
-    model = base("yolo11n.pt")
-    vp.inject(model, vp.DoraConfig(r=4, alpha=8), adapter_name="plain", names=NAMES, keep_base="classes")
-    model.args = get_cfg()
-    loss = BaseDistillLoss(model, weight=0.5, keep_base="classes")
-    dreams = dream_images(untouched_copy(model), n=3, imgsz=IMGSZ, steps=5, seed=0, batch=3)
-    loss.set_dreams(dreams, weight=2.0, augment=True, seed=3)
+    model, loss, dreams = dream_loss(base, 0.5, weight=2.0, augment=True, seed=3)
     assert not loss.dream_targets  # the teacher runs on each step's view, nothing computed ahead
-    model.train()
-    vp.set_adapter(model, "plain")
     randomize_adapters(model, seed=1)
-    batch = {"img": crop_images, "batch_idx": torch.tensor([0.0, 1.0]), "cls": torch.tensor([[0.0], [1.0]]),
-             "bboxes": torch.tensor([[0.5, 0.5, 0.2, 0.2], [0.3, 0.4, 0.1, 0.2]])}
+    batch = labelled(crop_images)
     loss.dream_step = 7  # the trainer's batch index: dream 7 % 3 = 1, its view drawn from seed 3 and step 7
     view = zoom_flip(dreams[[1]], torch.Generator().manual_seed(3 * 1_000_003 + 7))
     with torch.no_grad():
