@@ -150,7 +150,7 @@ def test_dream_settings_are_checked():
         PeftSpec(distill_base=1.0, distill_dreams=8, dream_steps=0.5)
     with pytest.raises(ValueError, match=r"peft.dream_weight and peft.dream_augment act on peft.distill_dreams"):
         PeftSpec(distill_base=1.0, dream_augment=True)
-    with pytest.raises(ValueError, match=r"peft.dream_weight: must be a number >= 0"):
+    with pytest.raises(ValueError, match=r"peft.dream_weight must be a number >= 0"):
         PeftSpec(distill_base=1.0, distill_dreams=8, dream_weight="x")
     with pytest.raises(ValueError, match=r"peft.dream_augment must be true or false, not 'yes'"):
         PeftSpec(distill_base=1.0, distill_dreams=8, dream_augment="yes")

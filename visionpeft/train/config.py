@@ -135,6 +135,8 @@ class PeftSpec:
         try:
             check_distill_base(self.distill_base)
             check_distill_kind(self.distill_kind)
+            if self.dream_weight is not None:
+                check_distill_base(self.dream_weight, "dream_weight")
         except ValueError as e:
             raise ValueError(f"peft.{e}") from None
         for key in ("distill_dreams", "dream_steps"):
@@ -144,11 +146,6 @@ class PeftSpec:
         if self.distill_dreams and not self.distill_base:
             raise ValueError("peft.distill_dreams needs peft.distill_base > 0 (the dreams are distilled with its "
                              "weight); set both, or drop distill_dreams.")
-        if self.dream_weight is not None:
-            try:
-                check_distill_base(self.dream_weight)
-            except ValueError as e:
-                raise ValueError(f"peft.dream_weight: {e}".replace("distill_base must", "must")) from None
         if not isinstance(self.dream_augment, bool):
             raise ValueError(f"peft.dream_augment must be true or false, not {self.dream_augment!r}.")
         if not self.distill_dreams and (self.dream_weight is not None or self.dream_augment):

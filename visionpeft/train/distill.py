@@ -54,9 +54,10 @@ def check_distill_kind(kind: str) -> None:
         raise ValueError(f"distill_kind must be one of {list(DISTILL_KINDS)}, not {kind!r}.")
 
 
-def check_distill_base(value: float) -> None:
+def check_distill_base(value: float, name: str = "distill_base") -> None:
+    """A distillation weight (``distill_base``, ``dream_weight``): a number >= 0."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-        raise ValueError(f"distill_base must be a number >= 0 (0: off; 1: the detection loss's own weights), "
+        raise ValueError(f"{name} must be a number >= 0 (0: off; 1: the detection loss's own weights), "
                          f"not {value!r}.")
 
 

@@ -14,6 +14,7 @@ A run distils on a fixed set of them; :func:`zoom_flip` gives each step new view
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -84,7 +85,7 @@ def zoom_flip(images: torch.Tensor, gen: torch.Generator, max_zoom: float = 2.0)
     flipped left-right with probability 0.5. Draws only from ``gen``."""
     n, _, h, w = images.shape
     out = images.new_full(images.shape, 114 / 255)
-    log_zoom = (torch.rand(n, generator=gen) * 2 - 1) * torch.log(torch.tensor(max_zoom))
+    log_zoom = (torch.rand(n, generator=gen) * 2 - 1) * math.log(max_zoom)
     flips = torch.rand(n, generator=gen) < 0.5
     for i, (img, z) in enumerate(zip(images, log_zoom.exp().tolist(), strict=True)):
         ch, cw = max(1, round(h / max(z, 1.0))), max(1, round(w / max(z, 1.0)))  # the crop (all of it at z <= 1)
