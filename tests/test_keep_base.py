@@ -22,6 +22,7 @@ from visionpeft.export import export, float_nodes
 from visionpeft.export.images import letterbox
 from visionpeft.inject import merge_
 from visionpeft.models import resolve_weights
+from visionpeft.modules import adapted_modules
 from visionpeft.settings import datasets_dir
 from visionpeft.train import PeftSpec
 from visionpeft.train.config import load_config
@@ -359,10 +360,12 @@ def test_keep_base_benchmark_at_a_tiny_budget(tiny_crops, tmp_path):
         "  distill: {keep_base: single, peft: {methods: [{method: dora, r: 4, alpha: 8}], distill_base: 1.0}}\n"
         "  head: {peft: {keep_base: head, methods: [{method: dora, r: 4, alpha: 8}], distill_base: 1.0}}\n"
         "  classes: {peft: {keep_base: classes, methods: [{method: dora, r: 4, alpha: 8}], distill_base: 1.0}}\n"
+        "  classes_s0: {from: classes, scale: 0.0}\n"
         "  keep_l16: {peft: {keep_base: true, methods: [{method: dora, r: 4, alpha: 8, layers: 16-23}]}}\n")
     results = run_keep_benchmark(load_keep_config(cfg_file, {"project": str(tmp_path), "name": "kb"}))
     out = tmp_path / "kb"
-    assert list(results) == ["base", "recipe", "keep_l0", "single", "distill", "head", "classes", "keep_l16"]
+    assert list(results) == ["base", "recipe", "keep_l0", "single", "distill", "head", "classes", "classes_s0",
+                             "keep_l16"]
     for name in ("results.json", "results.csv", "results.md", "keep_base.png"):
         assert (out / name).stat().st_size > 0, name
     base, recipe, l0, l16 = (results[k] for k in ("base", "recipe", "keep_l0", "keep_l16"))
@@ -389,6 +392,11 @@ def test_keep_base_benchmark_at_a_tiny_budget(tiny_crops, tmp_path):
     assert classes["layer"] == 23 and classes["base_map50_95"] > 0 and classes["base_map50_95_onnx"] > 0
     assert base["onnx_mb"] < classes["onnx_mb"] < head["onnx_mb"]
     assert "train/kd_loss" in (out / "classes" / "results.csv").read_text().splitlines()[0]
+    scaled = results["classes_s0"]  # its adapter scaled to 0 where the base classes read it: the base's own
+    assert scaled["training"] == classes["training"] and scaled["layer"] == 23
+    assert scaled["base_map50_95"] == pytest.approx(base["base_map50_95"], abs=0.005)
+    with pytest.raises(ValueError, match="scale measures another run's adapter; add from: <that run>"):
+        load_keep_config(cfg_file, {"runs": {"k": {"scale": 0.5}}})
     with pytest.raises(ValueError, match="keep_base is true, false or 'single'"):  # one path from a branch adapter
         load_keep_config(cfg_file, {"runs": {"k": {"keep_base": True}, "s": {"from": "k", "keep_base": "single"}}})
     assert "| keep_l16 | keep_base | 16 |" in (out / "results.md").read_text()
@@ -418,3 +426,45 @@ def test_shipped_keep_base_benchmark_config_is_valid(tmp_path):
     assert any(e.get("extra_augmentations") for e in cfg["runs"].values())
     with pytest.raises(ValueError, match="extra_augmentations must be a list of transforms"):
         load_keep_config("bench_keep_base.yaml", {"runs": {"x": {"extra_augmentations": "ChannelShuffle"}}})
+
+
+def test_scaling_a_shared_trunk_adapter_moves_the_base_classes_back_and_keeps_the_new_branch(base, real_images,
+                                                                                             tmp_path):
+    """``vp.scale_adapter``: at 0 the shared trunk and boxes are the base's again, so the base classes are the base
+    model's outputs, while the new classes' own class branch keeps its training; the scale survives the file."""
+    model = base("yolo11n.pt")
+    vp.inject(model, vp.DoraConfig(r=4, alpha=8), adapter_name="cls", names=NAMES, keep_base="classes")
+    randomize_adapters(model, seed=1)
+    y_base, y1 = decoded(base("yolo11n.pt"), real_images), decoded(vp.merge(model), real_images)
+    trained = copy.deepcopy(model)
+    head = f"model.{len(model.model) - 1}.cv3."
+    new_branch = {k: v.clone() for k, v in model.state_dict().items() if k.startswith(head) and ".adapters." in k}
+    assert vp.scale_adapter(model, 0.0) is model
+    y0 = decoded(vp.merge(model), real_images)
+    assert max_rel_diff([y0[:, :84]], [y_base]) < 1e-4  # the base's trunk, boxes and class branch: merge rounding
+    assert max_rel_diff([y1[:, 4:84]], [y_base[:, 4:]]) > 1e-3  # (they were not before)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in new_branch.items())  # the new branch untouched
+    half = vp.scale_adapter(copy.deepcopy(trained), 0.5)
+    for name, wrapper in adapted_modules(half):  # LoRA's update halved, DoRA's magnitude half-way to the base's
+        if not name.startswith(head):
+            dora, start = wrapper.adapters["cls"], trained.get_submodule(name).adapters["cls"]
+            assert torch.allclose(dora.lora_B.weight, start.lora_B.weight / 2)
+            norm = wrapper.base_layer.weight.flatten(1).norm(dim=1).reshape(dora.magnitude.shape)
+            assert torch.allclose(dora.magnitude, (norm + start.magnitude) / 2)
+    y_half = decoded(vp.merge(half), real_images)
+    assert max_rel_diff([y_half[:, 4:84]], [y_base[:, 4:]]) < max_rel_diff([y1[:, 4:84]], [y_base[:, 4:]])
+    half.visionpeft["base"] = str(resolve_weights("yolo11n.pt"))
+    loaded = vp.load_adapter(base("yolo11n.pt"), vp.save_adapter(half, tmp_path / "half.safetensors"))
+    assert max_rel_diff([decoded(vp.merge(loaded), real_images)], [y_half]) < 1e-3  # the file is float16
+
+
+def test_scaling_refuses_a_branch_a_bad_factor_and_an_unknown_adapter(base):
+    with pytest.raises(ValueError, match="keeps the base classes in a branch of their own, exactly"):
+        vp.scale_adapter(keep_model(base), 0.5)
+    model = base("yolo11n.pt")
+    vp.inject(model, vp.DoraConfig(r=4, alpha=8), adapter_name="cls", names=NAMES, keep_base="classes")
+    for bad in (1.5, -0.1, "0.5", True):
+        with pytest.raises(ValueError, match=r"must be a number in \[0, 1\]"):
+            vp.scale_adapter(model, bad)
+    with pytest.raises(ValueError, match="No adapter named 'other' to scale"):
+        vp.scale_adapter(model, 0.5, "other")

@@ -571,3 +571,52 @@ def test_layers_accept_ranges():
     assert config_from_dict({"method": "dora", "layers": "0, 2, 9-10"}).layers == [0, 2, 9, 10]
     with pytest.raises(ValueError, match="5-23"):
         config_from_dict({"method": "lora", "layers": "five"})
+
+
+# -- scaling an update toward the base (vp.scale_adapter) --------------------------------------------------------
+def trained_wrapper(method: str) -> tuple[AdaptedModule, torch.Tensor]:
+    """A wrapper with a non-zero update of each method, and an input for it."""
+    torch.manual_seed(0)
+    if method == "bottleneck":
+        block, x = conv_block(8, 16, 1), torch.randn(2, 8, 9, 9)
+        wrapper = wrap_bottleneck(block, x)
+        with torch.no_grad():
+            wrapper.adapters["a"].up.weight.normal_(0, 0.1)
+        return wrapper, x
+    if method in ("shift", "norm_stats"):
+        bn = nn.BatchNorm2d(6).eval()
+        wrapper, x = wrap(bn, config_from_dict({"method": method})), torch.randn(2, 6, 5, 5)
+        with torch.no_grad():
+            for t in (*wrapper.adapters["a"].parameters(), *wrapper.adapters["a"].buffers()):
+                t.add_(torch.rand(t.shape) * 0.3 + 0.1)
+        return wrapper, x
+    layer = make_conv("3x3")
+    wrapper = wrap(layer, config_from_dict({"method": method, **({"r": 2} if method != "trainable" else {})}))
+    with torch.no_grad():
+        for name, p in wrapper.adapters["a"].named_parameters():
+            p.add_(torch.randn(p.shape) * 0.1) if method == "trainable" or name != "lora_A.weight" else None
+    return wrapper, layer_input(layer)
+
+
+@pytest.mark.parametrize("method", ["lora", "dora", "bottleneck", "shift", "norm_stats", "trainable"])
+@torch.no_grad()
+def test_scaling_an_update_to_zero_gives_the_base_and_to_one_keeps_it(method):
+    wrapper, x = trained_wrapper(method)
+    wrapper.eval()
+    y_base, y = wrapper.base_layer(x), wrapper(x)
+    assert rel_err(y, y_base) > 1e-2
+    adapter = wrapper.adapters["a"]
+    kept = copy.deepcopy(adapter)
+    kept.scale_update_(wrapper.base_layer, 1.0)
+    assert rel_err(kept(wrapper.base_layer, x), y) < 1e-6
+    adapter.scale_update_(wrapper.base_layer, 0.0)
+    assert rel_err(wrapper(x), y_base) < 1e-5
+
+
+def test_scaling_refuses_a_pissa_start_and_a_reinitialised_module():
+    layer = make_conv("3x3")
+    with pytest.raises(TypeError, match="PiSSA-initialised adapter cannot scale its update"):
+        wrap(layer, vp.LoraConfig(r=2, init="pissa")).adapters["a"].scale_update_(layer, 0.5)
+    replacement = vp.TrainableConfig().build(nn.Conv2d(8, 3, 1), 0)  # a class output for other classes
+    with pytest.raises(TypeError, match="has no base to scale toward"):
+        replacement.scale_update_(nn.Conv2d(8, 80, 1), 0.5)

@@ -37,6 +37,7 @@ else:
         inject,
         merge,
         peft_state,
+        scale_adapter,
         set_adapter,
         trainable_report,
     )
@@ -89,6 +90,7 @@ __all__ = [
     "plan_ranks",
     "read_adapter",
     "save_adapter",
+    "scale_adapter",
     "set_adapter",
     "trainable_report",
 ]

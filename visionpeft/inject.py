@@ -256,6 +256,37 @@ def merge(model: nn.Module) -> nn.Module:
     return merged if keep_base_layer(model) is None else with_base(model, merged)
 
 
+def scale_adapter(model: nn.Module, factor: float, adapter_name: str | None = None) -> nn.Module:
+    """Move adapter ``adapter_name`` (default: the active one) toward the base in place: its update times
+    ``factor`` (1 keeps it, 0 gives the base), as the weight of a LoRA in diffusers or WiSE-FT's interpolation.
+
+    Re-initialised class outputs have no base and are kept. An adapter that keeps the base classes on a shared
+    trunk (``keep_base: head`` or ``classes``) is scaled where the base classes read it and kept where only its new
+    classes do: the dial between new-class and base-class accuracy after training (README, "Keep the base
+    classes"). A branch (``keep_base: true``) keeps the base exactly already and is refused.
+    """
+    if not (isinstance(factor, (int, float)) and not isinstance(factor, bool) and 0 <= factor <= 1):
+        raise ValueError(f"The scale of an adapter's update must be a number in [0, 1], not {factor!r}.")
+    state = peft_state(model)
+    name = adapter_name or state["active"]
+    if name not in state["adapters"]:
+        raise ValueError(f"No adapter named {name!r} to scale. Adapters: {sorted(state['adapters'])}.")
+    record = state["adapters"][name].get("keep_base")
+    mode = keep_base_mode(record)
+    if mode is True:
+        raise ValueError(f"Adapter {name!r} keeps the base classes in a branch of their own, exactly; scaling it "
+                         "would only weaken its new classes. Scale an adapter of keep_base 'head' or 'classes'.")
+    family = family_of(model)
+    for module_name, wrapper in adapted_modules(model):
+        if name not in wrapper.adapters or (mode and family.new_classes_only(model, module_name, mode)):
+            continue
+        adapter = wrapper.adapters[name]
+        if isinstance(adapter, TrainableCopy) and not adapter.has_base_shape(wrapper.base_layer):
+            continue  # a re-initialised class output
+        adapter.scale_update_(wrapper.base_layer, float(factor))
+    return model
+
+
 def keep_base_layer(model: nn.Module) -> int | None:
     """Where the active adapter's branch leaves the base, if it keeps the base classes (``keep_base``); else None."""
     state = getattr(model, STATE_ATTR, None)

@@ -6,9 +6,11 @@ here: new-class mAP50-95 on the training dataset's val split, base-class mAP50-9
 A ``from: <run>`` entry trains nothing and measures that run's adapter in keep-base mode (``from: recipe`` with
 ``keep_base: true`` is the recipe at L = 0: two whole networks; with ``keep_base: single``, one path: the adapted
 layers feed the base's class outputs too, what a single path gives before any distillation); a run that trains
-with ``keep_base: single`` (e.g. with ``peft.distill_base``) is measured the same way. Plain adapters and
-full fine-tuning replace the base's class outputs: their base-class mAP is 0 by construction. The untouched base is
-the reference row.
+with ``keep_base: single`` (e.g. with ``peft.distill_base``) is measured the same way. ``from: <run>`` with
+``scale: s`` measures that run's adapter scaled toward the base where the base classes read it
+(:func:`visionpeft.scale_adapter`): the trade-off of one training at several points, without training again.
+Plain adapters and full fine-tuning replace the base's class outputs: their base-class mAP is 0 by construction.
+The untouched base is the reference row.
 Results are saved after each run (``results.json``: the same command resumes); reports: :mod:`.keep_base_report`.
 """
 
@@ -25,7 +27,7 @@ from .keep_base_report import write_keep_reports
 from .runner import eta_text, launch, run_spec, training_config
 
 BENCH_KEYS = ["base", "data", "base_data", "train", "runs", "project", "name", "only", "latency_runs"]
-RUN_KEYS = ["kind", "freeze", "peft", "train", "from", "keep_base", "extra_augmentations"]
+RUN_KEYS = ["kind", "freeze", "peft", "train", "from", "keep_base", "extra_augmentations", "scale"]
 BASE_ROW = "base"
 SINGLE = "single"  # keep_base: single, with from: <plain run>: one path, the base's class outputs beside the adapter's
 
@@ -53,6 +55,8 @@ def load_keep_config(path: str | Path, overrides: dict | None = None) -> dict:
         if not isinstance(entry.get("extra_augmentations") or [], list):  # checked here, before any run trains
             raise ValueError(f"Run '{name}': extra_augmentations must be a list of transforms, as augmentations: "
                              f"is, not {entry['extra_augmentations']!r}.")
+        if "scale" in entry and "from" not in entry:
+            raise ValueError(f"Run '{name}': scale measures another run's adapter; add from: <that run>.")
         if "from" in entry and entry["from"] not in list(runs)[:list(runs).index(name)]:
             raise ValueError(f"Run '{name}': from: {entry['from']!r} must name a run listed before it.")
         if entry.get("keep_base") not in (None, True, False, SINGLE) or (
@@ -83,10 +87,10 @@ def _config(cfg: dict, name: str, out_dir: Path) -> dict:
                            extra_augmentations=entry.get("extra_augmentations"))
 
 
-def _model(run_dir: Path, kind: str, base: str, keep: bool | str):
-    """The merged model a run deploys: its best adapter merged into the base (with the base beside it if
-    ``keep``; the base's class outputs on the adapted path if ``keep`` is ``"single"``), or the fine-tuned
-    checkpoint."""
+def _model(run_dir: Path, kind: str, base: str, keep: bool | str, scale: float | None = None):
+    """The merged model a run deploys: its best adapter (scaled toward the base by ``scale``) merged into the base
+    (with the base beside it if ``keep``; the base's class outputs on the adapted path if ``keep`` is
+    ``"single"``), or the fine-tuned checkpoint."""
     import visionpeft as vp
 
     if kind != "peft":
@@ -94,6 +98,8 @@ def _model(run_dir: Path, kind: str, base: str, keep: bool | str):
     file = run_dir / "weights" / "best.safetensors"
     recorded = vp.read_adapter(file)[1].get("keep_base")  # the mode it trained in; else keep_base: true measures
     model = vp.load_adapter(vp.load_base(base), file, keep_base=None if recorded else keep is True)  # it at L=0
+    if scale is not None:
+        vp.scale_adapter(model, scale)
     if keep == SINGLE:
         from ..families.yolo_keep import single_path_model
 
@@ -166,7 +172,7 @@ def run_keep_benchmark(cfg: dict, out_dir: str | Path | None = None) -> dict[str
         trained = done[source]["training"] if source != name else launch(
             run_spec(name, entry, _config(cfg, name, out_dir)), out_dir / f"{name}.spec.json",
             out_dir / f"{name}.result.json", name)
-        model = _model(out_dir / source, trained["kind"], weights, keeps_base(entry))
+        model = _model(out_dir / source, trained["kind"], weights, keeps_base(entry), entry.get("scale"))
         done[name] = {"name": name, "kind": trained["kind"], "keep_base": keeps_base(entry), "from": source,
                       "training": trained, **measure(model, name, new_data, base_data, base_onnx, imgsz, out_dir, runs)}
         durations.append(time.perf_counter() - t0)

@@ -57,6 +57,11 @@ class Family:
         ``keep_base`` ``mode`` shares them (:mod:`visionpeft.keep_modes`)."""
         raise ValueError(f"keep_base works on YOLO detectors, not on a {self.name} model.")
 
+    def new_classes_only(self, model: nn.Module, name: str, mode: bool | str) -> bool:
+        """Whether module ``name`` of an adapter that keeps the base classes in ``mode`` feeds the new classes only
+        (the doubled part), not the base classes too."""
+        return False
+
     def on_inject(self, model: nn.Module) -> None:
         """Called after a new adapter was added."""
 

@@ -122,6 +122,12 @@ class YoloFamily(Family):
             return keep_classes_model(base, branch)
         return keep_base_model(base, branch, start, shared_trunk=mode == SHARED_TRUNK)
 
+    def new_classes_only(self, model: nn.Module, name: str, mode: bool | str) -> bool:
+        if mode not in SHARED_MODES:
+            return True  # a branch: every adapted layer is the branch's own copy
+        head = f"model.{len(model.model) - 1}."
+        return name.startswith(head + "cv3." if mode == SHARED_BOXES else head)
+
     def on_inject(self, model: nn.Module) -> None:
         state = model.visionpeft
         state.setdefault("base_names", dict(model.names))

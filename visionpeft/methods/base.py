@@ -122,6 +122,11 @@ class Adapter(nn.Module):
         """Return a plain module computing exactly what ``forward(base, .)`` computes (may modify ``base``)."""
         raise TypeError(f"{type(self).__name__} cannot be merged into its base module.")
 
+    def scale_update_(self, base: nn.Module, factor: float) -> None:
+        """Move the adapted module toward ``base`` in place: 1 keeps it, 0 gives the base. Done on the method's own
+        tensors, so adapter files, switching and merging carry it."""
+        raise TypeError(f"{type(self).__name__} cannot scale its update.")
+
 
 class AdaptedModule(nn.Module):
     """A frozen ``base_layer`` plus named adapters; the active one (or none) decides the forward."""

@@ -60,6 +60,10 @@ class ParallelAdapter(Adapter):
             delta = self.scale * self.up(self.act(self.down(x.float())))
         return base(x) + delta
 
+    @torch.no_grad()
+    def scale_update_(self, base: nn.Module, factor: float) -> None:
+        self.scale.mul_(factor)
+
 
 class ConvBottleneck(ParallelAdapter):
     def __init__(self, c_in: int, c_out: int, hidden: int, stride: int, act: nn.Module, scale: float) -> None:

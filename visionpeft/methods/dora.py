@@ -12,7 +12,16 @@ import torch
 from torch import nn
 
 from .base import Adapter, full_precision
-from .lora import LoraConfig, compose_weight, functional_layer, group_rank, low_rank_pair, principal_init, start_weight
+from .lora import (
+    LoraConfig,
+    compose_weight,
+    functional_layer,
+    group_rank,
+    low_rank_pair,
+    principal_init,
+    scale_low_rank_,
+    start_weight,
+)
 from .lowrank_linear import fusable, lowrank_linear
 
 
@@ -57,3 +66,10 @@ class DoraAdapter(Adapter):
     def merge_into(self, base: nn.Module) -> nn.Module:
         base.weight.copy_(self.adapted_weight(base))
         return base
+
+    @torch.no_grad()
+    def scale_update_(self, base: nn.Module, factor: float) -> None:
+        """Direction and magnitude each moved toward the base's (at 0: ``||W|| W / ||W|| = W``)."""
+        scale_low_rank_(self, factor)
+        start = channel_norm(base.weight.detach()).to(self.magnitude.dtype)
+        self.magnitude.copy_(start + factor * (self.magnitude - start))

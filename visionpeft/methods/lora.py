@@ -184,6 +184,18 @@ class LoraAdapter(Adapter):
         base.weight.copy_(self.adapted_weight(base))
         return base
 
+    @torch.no_grad()
+    def scale_update_(self, base: nn.Module, factor: float) -> None:
+        scale_low_rank_(self, factor)
+
+
+def scale_low_rank_(adapter: nn.Module, factor: float) -> None:
+    """``s B A`` times ``factor``: exact for a zero start; a PiSSA start would need rank 2r, so it is refused."""
+    if hasattr(adapter, "init_A"):
+        raise TypeError("A PiSSA-initialised adapter cannot scale its update (its start is not the base); "
+                        "use init: zero.")
+    adapter.lora_B.weight.mul_(factor)
+
 
 def functional_layer(base: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Run ``base``'s operation with another weight (its own bias and geometry)."""

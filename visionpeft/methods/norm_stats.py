@@ -46,3 +46,8 @@ class NormStatsAdapter(Adapter):
         base.running_mean.copy_(self.running_mean)
         base.running_var.copy_(self.running_var)
         return base
+
+    @torch.no_grad()
+    def scale_update_(self, base: nn.Module, factor: float) -> None:
+        for mine, start in ((self.running_mean, base.running_mean), (self.running_var, base.running_var)):
+            mine.copy_(start + factor * (mine - start))

@@ -40,3 +40,7 @@ class ShiftAdapter(Adapter):
     def merge_into(self, base: nn.Module) -> nn.Module:
         base.bias.add_(self.bias.to(base.bias.dtype))
         return base
+
+    @torch.no_grad()
+    def scale_update_(self, base: nn.Module, factor: float) -> None:
+        self.bias.mul_(factor)

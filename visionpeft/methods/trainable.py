@@ -36,3 +36,18 @@ class TrainableCopy(Adapter):
 
     def merge_into(self, base: nn.Module) -> nn.Module:
         return copy.deepcopy(self.module)
+
+    def has_base_shape(self, base: nn.Module) -> bool:
+        """False for a re-initialised replacement (a class output for other classes): it has no base to move to."""
+        mine, start = self.module.state_dict(), base.state_dict()
+        return mine.keys() == start.keys() and all(mine[k].shape == start[k].shape for k in mine)
+
+    @torch.no_grad()
+    def scale_update_(self, base: nn.Module, factor: float) -> None:
+        """Every float tensor moved toward the base's."""
+        if not self.has_base_shape(base):
+            raise TypeError(f"A re-initialised {type(self.module).__name__} has no base to scale toward.")
+        start = base.state_dict()
+        for k, t in self.module.state_dict().items():
+            if t.is_floating_point():
+                t.copy_(start[k] + factor * (t - start[k]))
