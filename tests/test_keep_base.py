@@ -9,7 +9,6 @@ from __future__ import annotations
 import ast
 import copy
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -330,12 +329,13 @@ def test_crops_keep_config_trains_a_keep_base_adapter(tiny_crops, tmp_path):
 
 
 def test_a_run_distills_on_dreams_made_once_in_its_folder(tiny_crops, tmp_path, caplog):
+    """... and, with ``peft.keep_scale``, delivers its adapter scaled toward the base (the resume file as trained)."""
     from safetensors import safe_open
 
     from visionpeft.train import train
 
     overrides = {"peft.keep_base": "classes", "peft.distill_base": 1.0, "peft.distill_dreams": 2,
-                 "peft.dream_steps": 3}
+                 "peft.dream_steps": 3, "peft.keep_scale": 0.5}
     summary = train("crops_keep.yaml", data=str(tiny_crops), project=str(tmp_path), name="dreams",
                     **{**FAST, **overrides})
     dreams = tmp_path / "dreams" / "dreams.safetensors"
@@ -344,7 +344,13 @@ def test_a_run_distills_on_dreams_made_once_in_its_folder(tiny_crops, tmp_path, 
     assert "train/kd_loss" in (tmp_path / "dreams" / "results.csv").read_text().splitlines()[0]
     log = "".join(r.getMessage() for r in caplog.records)
     assert "2 synthetic images of the base's BatchNorm statistics (made in" in log
-    assert Path(summary.adapter_file).is_file()
+    assert "best.safetensors holds the adapter scaled by 0.5 toward the base where the base classes read it" in log
+    trained = vp.load_adapter(vp.load_base("yolo11n.pt"), tmp_path / "dreams" / "weights" / "last.safetensors")
+    best = vp.load_adapter(vp.load_base("yolo11n.pt"), summary.adapter_file).state_dict()  # 1 epoch: the same EMA
+    scaled = vp.scale_adapter(copy.deepcopy(trained), 0.5).state_dict()
+    adapters = [k for k in best if ".adapters." in k]
+    assert all(torch.allclose(best[k].float(), scaled[k].float(), rtol=2e-3, atol=1e-5) for k in adapters)
+    assert not all(torch.equal(scaled[k], trained.state_dict()[k]) for k in adapters)
 
 
 def test_keep_base_benchmark_at_a_tiny_budget(tiny_crops, tmp_path):
@@ -468,3 +474,12 @@ def test_scaling_refuses_a_branch_a_bad_factor_and_an_unknown_adapter(base):
             vp.scale_adapter(model, bad)
     with pytest.raises(ValueError, match="No adapter named 'other' to scale"):
         vp.scale_adapter(model, 0.5, "other")
+
+
+def test_keep_scale_settings_are_checked():
+    for bad in (0, 1.5, "0.8", True):
+        with pytest.raises(ValueError, match=r"peft.keep_scale must be a number in \(0, 1\]"):
+            PeftSpec(keep_base="classes", distill_base=1.0, keep_scale=bad)
+    with pytest.raises(ValueError, match=r"peft.keep_scale scales a trunk shared with the base classes"):
+        PeftSpec(keep_base=True, keep_scale=0.8)
+    assert PeftSpec(keep_base="head", distill_base=1.0, keep_scale=0.8).keep_scale == 0.8

@@ -29,7 +29,7 @@ from .. import settings
 from ..budget import RANK_PLANS, check_plannable, parse_budget
 from ..datasets import load_dataset
 from ..inject import inject
-from ..keep_modes import check_keep_base_mode
+from ..keep_modes import SHARED_MODES, check_keep_base_mode
 from ..methods import LoraConfig, config_from_dict
 from ..paths import find_file, resolve_weights
 from .augment import build_transforms, to_ultralytics
@@ -94,6 +94,9 @@ class PeftSpec:
     what the base knew, made from its BatchNorm statistics at the start of the run (:mod:`.dreams`; 0: off), with
     ``dream_steps`` optimisation steps each, distilled with ``dream_weight`` (default: ``distill_base``);
     ``dream_augment``: each step distills on a new zoomed and flipped view of its dreams, not the fixed images.
+    ``keep_scale``: with ``keep_base: head`` or ``classes``, the deliverable ``best.safetensors`` holds the adapter
+    scaled toward the base by this factor where the base classes read it (:func:`visionpeft.scale_adapter`): fewer
+    base-class points lost for some new-class ones; 1: as trained.
     """
 
     adapter_name: str = "default"
@@ -112,6 +115,7 @@ class PeftSpec:
     dream_steps: int = 200
     dream_weight: float | None = None
     dream_augment: bool = False
+    keep_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.adapter_name, str) or not self.adapter_name or "." in self.adapter_name:
@@ -154,6 +158,12 @@ class PeftSpec:
         if self.distill_dreams and self.bn != "frozen":
             raise ValueError("peft.distill_dreams needs peft.bn: frozen (trained BatchNorm statistics would move "
                              "toward the synthetic images).")
+        if isinstance(self.keep_scale, bool) or not isinstance(self.keep_scale, (int, float)) or not (
+                0 < self.keep_scale <= 1):
+            raise ValueError(f"peft.keep_scale must be a number in (0, 1], not {self.keep_scale!r}.")
+        if self.keep_scale != 1 and self.keep_base not in SHARED_MODES:
+            raise ValueError("peft.keep_scale scales a trunk shared with the base classes; set peft.keep_base: "
+                             "classes or head (with distill_base), or drop keep_scale.")
         if self.rank_plan not in RANK_PLANS:
             raise ValueError(f"peft.rank_plan must be one of {list(RANK_PLANS)}, not {self.rank_plan!r}.")
         if not isinstance(self.methods, list) or not self.methods:

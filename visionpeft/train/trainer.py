@@ -47,6 +47,7 @@ from ..inject import (
     freeze,
     frozen_norm_modules,
     full_trained_parameters,
+    scale_adapter,
     set_adapter,
     trainable_report,
 )
@@ -206,6 +207,10 @@ class PeftDetectionTrainer(BaselineDetectionTrainer):
         model.visionpeft[SPEC_KEY] = self.peft.to_dict()
         if verbose:
             LOGGER.info(f"visionpeft adapter '{self.peft.adapter_name}':\n{trainable_report(model)}")
+            if self.peft.keep_scale != 1:
+                LOGGER.info(f"visionpeft: best.safetensors holds the adapter scaled by {self.peft.keep_scale:g} "
+                            "toward the base where the base classes read it (peft.keep_scale); the validation "
+                            "here scores the adapter as trained")
         # Ultralytics' _setup_train warns once per frozen parameter and unfreezes it anyway; build_optimizer
         # freezes again, before any backward pass.
         for p in model.parameters():
@@ -370,6 +375,12 @@ class PeftDetectionTrainer(BaselineDetectionTrainer):
         if self.ema:
             copy_base_tensors(self.ema.ema, model)
 
+    def _deliverable(self, model: nn.Module) -> nn.Module:
+        """The adapter ``best.safetensors`` holds: as trained, or scaled toward the base (``peft.keep_scale``)."""
+        if self.peft.keep_scale == 1:
+            return model
+        return scale_adapter(copy.deepcopy(model), self.peft.keep_scale)
+
     def save_model(self) -> bool:
         """Ultralytics' checkpoints, written atomically, plus the float32 adapter files beside them."""
         last, best = self.last, self.best
@@ -389,7 +400,8 @@ class PeftDetectionTrainer(BaselineDetectionTrainer):
         os.replace(tmp_last, last)
         if is_best:
             # the per-task deliverable, in fp16 like Ultralytics' best.pt; last.safetensors stays fp32 for resume
-            save_adapter(self.ema.ema, best.with_suffix(".safetensors"), extra=extra, dtype=torch.float16)
+            save_adapter(self._deliverable(self.ema.ema), best.with_suffix(".safetensors"), extra=extra,
+                         dtype=torch.float16)
             os.replace(tmp_best, best)
         return saved
 
