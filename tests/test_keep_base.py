@@ -400,6 +400,7 @@ def test_keep_base_benchmark_at_a_tiny_budget(tiny_crops, tmp_path):
     assert "train/kd_loss" in (out / "classes" / "results.csv").read_text().splitlines()[0]
     scaled = results["classes_s0"]  # its adapter scaled to 0 where the base classes read it: the base's own
     assert scaled["training"] == classes["training"] and scaled["layer"] == 23
+    assert scaled["keep_base"] == classes["keep_base"] and scaled["scale"] == 0.0
     assert scaled["base_map50_95"] == pytest.approx(base["base_map50_95"], abs=0.005)
     with pytest.raises(ValueError, match="scale measures another run's adapter; add from: <that run>"):
         load_keep_config(cfg_file, {"runs": {"k": {"scale": 0.5}}})

@@ -173,8 +173,10 @@ def run_keep_benchmark(cfg: dict, out_dir: str | Path | None = None) -> dict[str
             run_spec(name, entry, _config(cfg, name, out_dir)), out_dir / f"{name}.spec.json",
             out_dir / f"{name}.result.json", name)
         model = _model(out_dir / source, trained["kind"], weights, keeps_base(entry), entry.get("scale"))
-        done[name] = {"name": name, "kind": trained["kind"], "keep_base": keeps_base(entry), "from": source,
-                      "training": trained, **measure(model, name, new_data, base_data, base_onnx, imgsz, out_dir, runs)}
+        mode = keeps_base(cfg["runs"][source] if "scale" in entry else entry)  # a scaled run: its source's mode
+        done[name] = {"name": name, "kind": trained["kind"], "keep_base": mode, "from": source,
+                      "scale": entry.get("scale"), "training": trained,
+                      **measure(model, name, new_data, base_data, base_onnx, imgsz, out_dir, runs)}
         durations.append(time.perf_counter() - t0)
         save()
     save()
