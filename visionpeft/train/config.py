@@ -94,6 +94,8 @@ class PeftSpec:
     what the base knew, made from its BatchNorm statistics at the start of the run (:mod:`.dreams`; 0: off), with
     ``dream_steps`` optimisation steps each, distilled with ``dream_weight`` (default: ``distill_base``);
     ``dream_augment``: each step distills on a new zoomed and flipped view of its dreams, not the fixed images.
+    ``dream_objects``: each dream is also optimised until the base sees this many of its classes in it (drawn at
+    random; 0: the BatchNorm statistics alone).
     ``keep_scale``: with ``keep_base: head`` or ``classes``, the deliverable ``best.safetensors`` holds the adapter
     scaled toward the base by this factor where the base classes read it (:func:`visionpeft.scale_adapter`): fewer
     base-class points lost for some new-class ones; 1: as trained.
@@ -115,6 +117,7 @@ class PeftSpec:
     dream_steps: int = 200
     dream_weight: float | None = None
     dream_augment: bool = False
+    dream_objects: int = 0
     keep_scale: float = 1.0
 
     def __post_init__(self) -> None:
@@ -143,7 +146,7 @@ class PeftSpec:
                 check_distill_base(self.dream_weight, "dream_weight")
         except ValueError as e:
             raise ValueError(f"peft.{e}") from None
-        for key in ("distill_dreams", "dream_steps"):
+        for key in ("distill_dreams", "dream_steps", "dream_objects"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"peft.{key} must be a whole number >= 0, not {value!r}.")
@@ -152,8 +155,8 @@ class PeftSpec:
                              "weight); set both, or drop distill_dreams.")
         if not isinstance(self.dream_augment, bool):
             raise ValueError(f"peft.dream_augment must be true or false, not {self.dream_augment!r}.")
-        if not self.distill_dreams and (self.dream_weight is not None or self.dream_augment):
-            raise ValueError("peft.dream_weight and peft.dream_augment act on peft.distill_dreams; set "
+        if not self.distill_dreams and (self.dream_weight is not None or self.dream_augment or self.dream_objects):
+            raise ValueError("peft.dream_weight, dream_augment and dream_objects act on peft.distill_dreams; set "
                              "distill_dreams: N (e.g. 32), or drop them.")
         if self.distill_dreams and self.bn != "frozen":
             raise ValueError("peft.distill_dreams needs peft.bn: frozen (trained BatchNorm statistics would move "

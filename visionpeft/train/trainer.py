@@ -125,13 +125,15 @@ class PeftDetectionTrainer(BaselineDetectionTrainer):
         spec, t0 = self.peft, time.perf_counter()
         path = Path(self.save_dir) / "dreams.safetensors"
         images, made = load_or_dream(loss.teacher, path, spec.distill_dreams, int(self.args.imgsz), spec.dream_steps,
-                                     int(self.args.seed), json.dumps(model.visionpeft["fingerprint"], sort_keys=True))
+                                     int(self.args.seed), json.dumps(model.visionpeft["fingerprint"], sort_keys=True),
+                                     objects=spec.dream_objects)
         loss.set_dreams(images.to(self.device), weight=spec.dream_weight, augment=spec.dream_augment,
                         seed=int(self.args.seed))
         if RANK in {-1, 0}:
             how = f"made in {time.perf_counter() - t0:.0f} s" if made else "read"
             views = ", a new zoomed and flipped view each step" if spec.dream_augment else ""
-            LOGGER.info(f"visionpeft: {len(images)} synthetic images of the base's BatchNorm statistics ({how}, "
+            what = f" and {spec.dream_objects} of its classes each" if spec.dream_objects else ""
+            LOGGER.info(f"visionpeft: {len(images)} synthetic images of the base's BatchNorm statistics{what} ({how}, "
                         f"'{path}') distilled beside each batch (weight {loss.dream_weight:g}{views})")
 
     # -- run folder --------------------------------------------------------------------------------------------
