@@ -18,7 +18,7 @@ from visionpeft.export.images import letterbox
 from visionpeft.settings import datasets_dir
 from visionpeft.train import PeftSpec
 from visionpeft.train.distill import BaseDistillLoss, untouched_copy
-from visionpeft.train.dreams import dream_images, load_or_dream, zoom_flip
+from visionpeft.train.dreams import dream_images, dream_targets, load_or_dream, zoom_flip
 
 IMGSZ = 64
 NAMES = ["crop", "weed"]
@@ -71,9 +71,28 @@ def test_saved_dreams_are_reused_only_for_the_same_settings(base, tmp_path):
     assert not made and torch.equal(again, first)  # a resumed run reads the very images it distilled on
     other, made = load_or_dream(teacher, path, n=2, imgsz=IMGSZ, steps=3, seed=0, fingerprint="another base")
     assert made and torch.equal(other, first)  # another base: made again (same weights here, so the same)
+    objects, made = load_or_dream(teacher, path, n=2, imgsz=IMGSZ, steps=3, seed=0, fingerprint="abc", objects=1)
+    assert made and not torch.equal(objects, first)  # other dreams: with a class target each
+    with safe_open(str(path), "pt") as f:
+        assert f.metadata()["objects"] == "1"
     path.write_bytes(b"not a safetensors file")
     _, made = load_or_dream(teacher, path, n=2, imgsz=IMGSZ, steps=3, seed=1, fingerprint="abc")
     assert made  # unreadable: made again, not an error
+
+
+def test_dream_objects_make_the_base_see_its_target_classes(base):
+    teacher = base("yolo11n.pt").eval().requires_grad_(False)
+    targets = dream_targets(4, 80, 2, seed=0)
+    assert torch.equal(dream_targets(4, 80, 2, seed=0), targets) and targets.shape == (4, 2)
+
+    def target_scores(images: torch.Tensor) -> torch.Tensor:  # each target class's best score in its image
+        with torch.no_grad():
+            scores = teacher(images)[1]["scores"].sigmoid()
+        return scores.gather(1, targets[..., None].expand(-1, -1, scores.shape[-1])).amax(-1)
+
+    plain = target_scores(dream_images(teacher, n=4, imgsz=IMGSZ, steps=30, seed=0, batch=2))
+    seen = target_scores(dream_images(teacher, n=4, imgsz=IMGSZ, steps=30, seed=0, batch=2, objects=2))
+    assert seen.median() > 10 * plain.median() and (seen > plain).float().mean() >= 0.75
 
 
 def dream_loss(base, kd_weight: float, **dreams_kw) -> tuple[nn.Module, BaseDistillLoss, torch.Tensor]:
@@ -148,8 +167,12 @@ def test_dream_settings_are_checked():
         PeftSpec(distill_base=1.0, distill_dreams=8, bn="train")
     with pytest.raises(ValueError, match=r"peft.dream_steps must be a whole number >= 0, not 0.5"):
         PeftSpec(distill_base=1.0, distill_dreams=8, dream_steps=0.5)
-    with pytest.raises(ValueError, match=r"peft.dream_weight and peft.dream_augment act on peft.distill_dreams"):
+    with pytest.raises(ValueError, match=r"peft.dream_weight, dream_augment and dream_objects act on peft.distill_dr"):
         PeftSpec(distill_base=1.0, dream_augment=True)
+    with pytest.raises(ValueError, match=r"dream_objects act on peft.distill_dreams; set distill_dreams: N"):
+        PeftSpec(distill_base=1.0, dream_objects=4)
+    with pytest.raises(ValueError, match=r"peft.dream_objects must be a whole number >= 0, not -1"):
+        PeftSpec(distill_base=1.0, distill_dreams=8, dream_objects=-1)
     with pytest.raises(ValueError, match=r"peft.dream_weight must be a number >= 0"):
         PeftSpec(distill_base=1.0, distill_dreams=8, dream_weight="x")
     with pytest.raises(ValueError, match=r"peft.dream_augment must be true or false, not 'yes'"):
