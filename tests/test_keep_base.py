@@ -328,6 +328,22 @@ def test_crops_keep_config_trains_a_keep_base_adapter(tiny_crops, tmp_path):
     assert min(int(t.split(".")[1]) for t in meta["targets"]) == 16  # layers below L stay the base's
 
 
+def test_crops_keep_shared_config_is_the_measured_benchmark_row():
+    """configs/crops_keep_shared.yaml ships the keep-base benchmark's keep_cls_distill05_odreams_s08: that row's
+    training settings, and its scale as keep_scale."""
+    from visionpeft.bench.keep_base import load_keep_config
+
+    config = load_config("crops_keep_shared.yaml")
+    runs = load_keep_config("bench_keep_base.yaml")["runs"]
+    assert runs["keep_cls_distill05_odreams_s08"].get("from") == "keep_cls_distill05_odreams"
+    row = runs["keep_cls_distill05_odreams"]["peft"]
+    assert {k: getattr(config.peft, k) for k in row} == row
+    assert config.peft.keep_scale == runs["keep_cls_distill05_odreams_s08"]["scale"]
+    crops = load_config("crops.yaml")  # the benchmark rows train crops.yaml with their peft: keys on top
+    assert config.peft.methods == crops.peft.methods and config.peft.lr_mult == crops.peft.lr_mult
+    assert config.augmentations == crops.augmentations
+
+
 def test_a_run_distills_on_dreams_made_once_in_its_folder(tiny_crops, tmp_path, caplog):
     """... and, with ``peft.keep_scale``, delivers its adapter scaled toward the base (the resume file as trained)."""
     from safetensors import safe_open
@@ -335,7 +351,7 @@ def test_a_run_distills_on_dreams_made_once_in_its_folder(tiny_crops, tmp_path, 
     from visionpeft.train import train
 
     overrides = {"peft.keep_base": "classes", "peft.distill_base": 1.0, "peft.distill_dreams": 2,
-                 "peft.dream_steps": 3, "peft.keep_scale": 0.5}
+                 "peft.dream_steps": 3, "peft.dream_objects": 1, "peft.keep_scale": 0.5}
     summary = train("crops_keep.yaml", data=str(tiny_crops), project=str(tmp_path), name="dreams",
                     **{**FAST, **overrides})
     dreams = tmp_path / "dreams" / "dreams.safetensors"
@@ -343,7 +359,7 @@ def test_a_run_distills_on_dreams_made_once_in_its_folder(tiny_crops, tmp_path, 
         assert f.get_tensor("images").shape == (2, 3, IMGSZ, IMGSZ) and f.metadata()["steps"] == "3"
     assert "train/kd_loss" in (tmp_path / "dreams" / "results.csv").read_text().splitlines()[0]
     log = "".join(r.getMessage() for r in caplog.records)
-    assert "2 synthetic images of the base's BatchNorm statistics (made in" in log
+    assert "2 synthetic images of the base's BatchNorm statistics and 1 of its classes each (made in" in log
     assert "best.safetensors holds the adapter scaled by 0.5 toward the base where the base classes read it" in log
     trained = vp.load_adapter(vp.load_base("yolo11n.pt"), tmp_path / "dreams" / "weights" / "last.safetensors")
     best = vp.load_adapter(vp.load_base("yolo11n.pt"), summary.adapter_file).state_dict()  # 1 epoch: the same EMA
