@@ -594,7 +594,8 @@ def trained_wrapper(method: str) -> tuple[AdaptedModule, torch.Tensor]:
     wrapper = wrap(layer, config_from_dict({"method": method, **({"r": 2} if method != "trainable" else {})}))
     with torch.no_grad():
         for name, p in wrapper.adapters["a"].named_parameters():
-            p.add_(torch.randn(p.shape) * 0.1) if method == "trainable" or name != "lora_A.weight" else None
+            if method == "trainable" or name != "lora_A.weight":
+                p.add_(torch.randn(p.shape) * 0.1)
     return wrapper, layer_input(layer)
 
 
