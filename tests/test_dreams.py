@@ -95,6 +95,21 @@ def test_dream_objects_make_the_base_see_its_target_classes(base):
     assert seen.median() > 10 * plain.median() and (seen > plain).float().mean() >= 0.75
 
 
+def test_dream_objects_need_a_yolo_detection_head():
+    class Backbone(nn.Module):  # BatchNorms to match, no detection head to score
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.model(x)
+
+    net = Backbone().eval().requires_grad_(False)
+    with pytest.raises(ValueError, match=r"dream_objects needs a YOLO detection head with NMS"):
+        dream_images(net, n=1, imgsz=16, steps=1, objects=1)
+    assert dream_images(net, n=1, imgsz=16, steps=1).shape == (1, 3, 16, 16)  # without targets it dreams as before
+
+
 def dream_loss(base, kd_weight: float, **dreams_kw) -> tuple[nn.Module, BaseDistillLoss, torch.Tensor]:
     """A DoRA keep-base model in training mode, its distillation loss at ``kd_weight`` and 3 dreams set on it."""
     model = base("yolo11n.pt")

@@ -34,12 +34,24 @@ def _norm_layers(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, nn.BatchNorm2d) and m.running_var is not None]
 
 
+OBJECTS_NEED = ("dream_objects needs a YOLO detection head with NMS (YOLOv5u, v8, 11): its raw class scores are "
+                "what the targets raise.")
+
+
+def _num_classes(model: nn.Module) -> int:
+    """The class count of a YOLO detection model's head (``model.model[-1].nc``), else :data:`OBJECTS_NEED`."""
+    layers = getattr(model, "model", None)
+    nc = getattr(layers[-1], "nc", None) if isinstance(layers, nn.Sequential) and len(layers) else None
+    if not isinstance(nc, int) or nc < 1:
+        raise ValueError(OBJECTS_NEED)
+    return nc
+
+
 def _class_scores(out) -> torch.Tensor:
     """The raw class logits ``(B, nc, anchors)`` of a YOLO detection model's eval-mode output ``(y, raw)``."""
     raw = out[1] if isinstance(out, (tuple, list)) else out
     if not isinstance(raw, dict) or "scores" not in raw:
-        raise ValueError("dream_objects needs a YOLO detection head with NMS (YOLOv5u, v8, 11): its raw class "
-                         "scores are what the targets raise.")
+        raise ValueError(OBJECTS_NEED)
     return raw["scores"]
 
 
@@ -72,7 +84,7 @@ def dream_images(model: nn.Module, n: int, imgsz: int, steps: int, seed: int = 0
     hooks = [m.register_forward_pre_hook(match) for m in norms]
     gen = torch.Generator().manual_seed(seed)
     shift = max(1, round(imgsz * JITTER))
-    targets = dream_targets(n, int(model.model[-1].nc), objects, seed) if objects else None
+    targets = dream_targets(n, _num_classes(model), objects, seed) if objects else None
     out = []
     try:
         with torch.enable_grad():
