@@ -317,23 +317,23 @@ def test_visionpeft_yolo_predicts_and_validates_every_class(keep_export, tiny_cr
 FAST = {"epochs": 1, "imgsz": IMGSZ, "batch": 4, "nbs": 4, "warmup_epochs": 0, "workers": 0, "plots": False}
 
 
-def test_crops_keep_config_trains_a_keep_base_adapter(tiny_crops, tmp_path):
+def test_crops_keep_branch_config_trains_an_exact_branch_adapter(tiny_crops, tmp_path):
     from visionpeft.train import train
 
-    config = load_config("crops_keep.yaml")
-    assert config.peft.keep_base and config.peft.methods[0]["layers"] == "16-23"
-    summary = train("crops_keep.yaml", data=str(tiny_crops), project=str(tmp_path), name="keep", **FAST)
+    config = load_config("crops_keep_branch.yaml")
+    assert config.peft.keep_base is True and config.peft.methods[0]["layers"] == "16-23"
+    summary = train("crops_keep_branch.yaml", data=str(tiny_crops), project=str(tmp_path), name="keep", **FAST)
     meta = vp.read_adapter(summary.adapter_file)[1]
     assert meta["keep_base"] == {"layer": 16, "base_classes": 80} and meta["names"] == {"0": "crop", "1": "weed"}
     assert min(int(t.split(".")[1]) for t in meta["targets"]) == 16  # layers below L stay the base's
 
 
-def test_crops_keep_shared_config_is_the_measured_benchmark_row():
-    """configs/crops_keep_shared.yaml ships the keep-base benchmark's keep_cls_distill05_odreams_s08: that row's
+def test_crops_keep_config_is_the_measured_benchmark_row():
+    """configs/crops_keep.yaml ships the keep-base benchmark's keep_cls_distill05_odreams_s08: that row's
     training settings, and its scale as keep_scale."""
     from visionpeft.bench.keep_base import load_keep_config
 
-    config = load_config("crops_keep_shared.yaml")
+    config = load_config("crops_keep.yaml")
     runs = load_keep_config("bench_keep_base.yaml")["runs"]
     assert runs["keep_cls_distill05_odreams_s08"].get("from") == "keep_cls_distill05_odreams"
     row = runs["keep_cls_distill05_odreams"]["peft"]
