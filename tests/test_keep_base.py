@@ -351,7 +351,8 @@ def test_a_run_distills_on_dreams_made_once_in_its_folder(tiny_crops, tmp_path, 
     from visionpeft.train import train
 
     overrides = {"peft.keep_base": "classes", "peft.distill_base": 1.0, "peft.distill_dreams": 2,
-                 "peft.dream_steps": 3, "peft.dream_objects": 1, "peft.keep_scale": 0.5}
+                 "peft.dream_steps": 3, "peft.dream_objects": 1, "peft.keep_scale": 0.5,
+                 "peft.keep_scale_pattern": {r"model\.[0-4]\..*": 0}}
     summary = train("crops_keep.yaml", data=str(tiny_crops), project=str(tmp_path), name="dreams",
                     **{**FAST, **overrides})
     dreams = tmp_path / "dreams" / "dreams.safetensors"
@@ -360,10 +361,11 @@ def test_a_run_distills_on_dreams_made_once_in_its_folder(tiny_crops, tmp_path, 
     assert "train/kd_loss" in (tmp_path / "dreams" / "results.csv").read_text().splitlines()[0]
     log = "".join(r.getMessage() for r in caplog.records)
     assert "2 synthetic images of the base's BatchNorm statistics and 1 of its classes each (made in" in log
-    assert "best.safetensors holds the adapter scaled by 0.5 toward the base where the base classes read it" in log
+    assert ("best.safetensors holds the adapter scaled by 0.5 (model\\.[0-4]\\..*: 0) toward the base where the base "
+            "classes read it") in log
     trained = vp.load_adapter(vp.load_base("yolo11n.pt"), tmp_path / "dreams" / "weights" / "last.safetensors")
     best = vp.load_adapter(vp.load_base("yolo11n.pt"), summary.adapter_file).state_dict()  # 1 epoch: the same EMA
-    scaled = vp.scale_adapter(copy.deepcopy(trained), 0.5).state_dict()
+    scaled = vp.scale_adapter(copy.deepcopy(trained), 0.5, pattern={r"model\.[0-4]\..*": 0}).state_dict()
     adapters = [k for k in best if ".adapters." in k]
     assert all(torch.allclose(best[k].float(), scaled[k].float(), rtol=2e-3, atol=1e-5) for k in adapters)
     assert not all(torch.equal(scaled[k], trained.state_dict()[k]) for k in adapters)
@@ -383,11 +385,12 @@ def test_keep_base_benchmark_at_a_tiny_budget(tiny_crops, tmp_path):
         "  head: {peft: {keep_base: head, methods: [{method: dora, r: 4, alpha: 8}], distill_base: 1.0}}\n"
         "  classes: {peft: {keep_base: classes, methods: [{method: dora, r: 4, alpha: 8}], distill_base: 1.0}}\n"
         "  classes_s0: {from: classes, scale: 0.0}\n"
+        r"  classes_p0: {from: classes, scale_pattern: {'model\.\d+\..*': 0}}" "\n"  # every module: scale 0
         "  keep_l16: {peft: {keep_base: true, methods: [{method: dora, r: 4, alpha: 8, layers: 16-23}]}}\n")
     results = run_keep_benchmark(load_keep_config(cfg_file, {"project": str(tmp_path), "name": "kb"}))
     out = tmp_path / "kb"
     assert list(results) == ["base", "recipe", "keep_l0", "single", "distill", "head", "classes", "classes_s0",
-                             "keep_l16"]
+                             "classes_p0", "keep_l16"]
     for name in ("results.json", "results.csv", "results.md", "keep_base.png"):
         assert (out / name).stat().st_size > 0, name
     base, recipe, l0, l16 = (results[k] for k in ("base", "recipe", "keep_l0", "keep_l16"))
@@ -418,6 +421,12 @@ def test_keep_base_benchmark_at_a_tiny_budget(tiny_crops, tmp_path):
     assert scaled["training"] == classes["training"] and scaled["layer"] == 23
     assert scaled["keep_base"] == classes["keep_base"] and scaled["scale"] == 0.0
     assert scaled["base_map50_95"] == pytest.approx(base["base_map50_95"], abs=0.005)
+    by_pattern = results["classes_p0"]  # a pattern that matches every module at 0: the same as scale 0
+    assert by_pattern["keep_base"] == classes["keep_base"] and by_pattern["scale_pattern"] == {r"model\.\d+\..*": 0}
+    assert by_pattern["base_map50_95"] == pytest.approx(scaled["base_map50_95"], abs=1e-4)
+    assert by_pattern["new_map50_95"] == pytest.approx(scaled["new_map50_95"], abs=1e-4)
+    with pytest.raises(ValueError, match="Run 'k': scale_pattern: Scale pattern key '\\[' is not a module name"):
+        load_keep_config(cfg_file, {"runs": {"c": {}, "k": {"from": "c", "scale_pattern": {"[": 0}}}})
     with pytest.raises(ValueError, match="scale measures another run's adapter; add from: <that run>"):
         load_keep_config(cfg_file, {"runs": {"k": {"scale": 0.5}}})
     with pytest.raises(ValueError, match="keep_base is true, false or 'single'"):  # one path from a branch adapter
@@ -481,6 +490,34 @@ def test_scaling_a_shared_trunk_adapter_moves_the_base_classes_back_and_keeps_th
     assert max_rel_diff([decoded(vp.merge(loaded), real_images)], [y_half]) < 1e-3  # the file is float16
 
 
+def test_a_scale_pattern_gives_modules_their_own_factor(base):
+    """``pattern``: layers 0-4 and the box branch back to the base (0), the rest of the shared trunk halved (the
+    default factor), the new classes' own class branch kept."""
+    model = base("yolo11n.pt")
+    vp.inject(model, vp.DoraConfig(r=4, alpha=8), adapter_name="cls", names=NAMES, keep_base="classes")
+    randomize_adapters(model, seed=1)
+    trained = copy.deepcopy(model)
+    last = len(model.model) - 1
+    vp.scale_adapter(model, 0.5, pattern={r"model\.[0-4]\..*": 0, rf"model\.{last}\.cv2\..*": 0.0})
+    factors = []
+    for name, wrapper in adapted_modules(model):
+        adapter, start = wrapper.adapters["cls"], trained.get_submodule(name).adapters["cls"]
+        if name.startswith(f"model.{last}.cv3."):  # the new classes' own branch
+            assert all(torch.equal(v, start.state_dict()[k]) for k, v in adapter.state_dict().items()), name
+            continue
+        factor = 0.0 if int(name.split(".")[1]) <= 4 or name.startswith(f"model.{last}.cv2.") else 0.5
+        factors.append(factor)
+        assert torch.allclose(adapter.lora_B.weight, start.lora_B.weight * factor), name
+        norm = wrapper.base_layer.weight.flatten(1).norm(dim=1).reshape(adapter.magnitude.shape)
+        assert torch.allclose(adapter.magnitude, norm + factor * (start.magnitude - norm), atol=1e-6), name
+    assert factors.count(0.0) > 10 and factors.count(0.5) > 10
+    for bad, message in ((["model.0"], "A scale pattern maps module names or regexes to factors"),
+                         ({"model\\.[": 0}, "is not a module name or regex"),
+                         ({"model.0": 2}, r"must be a number in \[0, 1\], not 2")):
+        with pytest.raises(ValueError, match=message):
+            vp.scale_adapter(model, 0.5, pattern=bad)
+
+
 def test_scaling_refuses_a_branch_a_bad_factor_and_an_unknown_adapter(base):
     with pytest.raises(ValueError, match="keeps the base classes in a branch of their own, exactly"):
         vp.scale_adapter(keep_model(base), 0.5)
@@ -500,3 +537,7 @@ def test_keep_scale_settings_are_checked():
     with pytest.raises(ValueError, match=r"peft.keep_scale scales a trunk shared with the base classes"):
         PeftSpec(keep_base=True, keep_scale=0.8)
     assert PeftSpec(keep_base="head", distill_base=1.0, keep_scale=0.8).keep_scale == 0.8
+    with pytest.raises(ValueError, match=r"peft.keep_scale_pattern: Scale pattern key .* is not a module name"):
+        PeftSpec(keep_base="classes", distill_base=1.0, keep_scale_pattern={"(": 0})
+    with pytest.raises(ValueError, match=r"peft.keep_scale scales a trunk shared with the base classes"):
+        PeftSpec(keep_base=True, keep_scale_pattern={"model.0": 0})

@@ -256,17 +256,39 @@ def merge(model: nn.Module) -> nn.Module:
     return merged if keep_base_layer(model) is None else with_base(model, merged)
 
 
-def scale_adapter(model: nn.Module, factor: float, adapter_name: str | None = None) -> nn.Module:
+def check_scale_factor(factor: object) -> None:
+    if not (isinstance(factor, (int, float)) and not isinstance(factor, bool) and 0 <= factor <= 1):
+        raise ValueError(f"The scale of an adapter's update must be a number in [0, 1], not {factor!r}.")
+
+
+def check_scale_pattern(pattern: object) -> None:
+    """A ``{module-name pattern: factor}`` mapping as :func:`scale_adapter` takes it, or a one-line error."""
+    if not isinstance(pattern, dict):
+        raise ValueError(f"A scale pattern maps module names or regexes to factors, e.g. {{'model\\.[0-4]\\..*': 0}}, "
+                         f"not {pattern!r}.")
+    for key, factor in pattern.items():
+        try:
+            re.compile(key)
+        except (re.error, TypeError):
+            raise ValueError(f"Scale pattern key {key!r} is not a module name or regex.") from None
+        check_scale_factor(factor)
+
+
+def scale_adapter(model: nn.Module, factor: float, adapter_name: str | None = None,
+                  pattern: dict[str, float] | None = None) -> nn.Module:
     """Move adapter ``adapter_name`` (default: the active one) toward the base in place: its update times
     ``factor`` (1 keeps it, 0 gives the base), as the weight of a LoRA in diffusers or WiSE-FT's interpolation.
+    ``pattern`` gives modules their own factor, matched as ``rank_pattern`` is (a name, a suffix or a regex; the
+    first that matches wins), e.g. ``{r"model\\.[0-4]\\..*": 0}``: the adapter's update off in layers 0-4.
 
     Re-initialised class outputs have no base and are kept. An adapter that keeps the base classes on a shared
     trunk (``keep_base: head`` or ``classes``) is scaled where the base classes read it and kept where only its new
     classes do: the dial between new-class and base-class accuracy after training (README, "Keep the base
     classes"). A branch (``keep_base: true``) keeps the base exactly already and is refused.
     """
-    if not (isinstance(factor, (int, float)) and not isinstance(factor, bool) and 0 <= factor <= 1):
-        raise ValueError(f"The scale of an adapter's update must be a number in [0, 1], not {factor!r}.")
+    check_scale_factor(factor)
+    pattern = pattern or {}
+    check_scale_pattern(pattern)
     state = peft_state(model)
     name = adapter_name or state["active"]
     if name not in state["adapters"]:
@@ -283,7 +305,8 @@ def scale_adapter(model: nn.Module, factor: float, adapter_name: str | None = No
         adapter = wrapper.adapters[name]
         if isinstance(adapter, TrainableCopy) and not adapter.has_base_shape(wrapper.base_layer):
             continue  # a re-initialised class output
-        adapter.scale_update_(wrapper.base_layer, float(factor))
+        own = next((f for p, f in pattern.items() if _matches(module_name, [p])), factor)
+        adapter.scale_update_(wrapper.base_layer, float(own))
     return model
 
 

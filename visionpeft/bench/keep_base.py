@@ -22,12 +22,13 @@ from pathlib import Path
 
 import yaml
 
+from ..inject import check_scale_pattern
 from ..io import atomic_write_bytes
 from .keep_base_report import write_keep_reports
 from .runner import eta_text, launch, run_spec, training_config
 
 BENCH_KEYS = ["base", "data", "base_data", "train", "runs", "project", "name", "only", "latency_runs"]
-RUN_KEYS = ["kind", "freeze", "peft", "train", "from", "keep_base", "extra_augmentations", "scale"]
+RUN_KEYS = ["kind", "freeze", "peft", "train", "from", "keep_base", "extra_augmentations", "scale", "scale_pattern"]
 BASE_ROW = "base"
 SINGLE = "single"  # keep_base: single, with from: <plain run>: one path, the base's class outputs beside the adapter's
 
@@ -55,8 +56,12 @@ def load_keep_config(path: str | Path, overrides: dict | None = None) -> dict:
         if not isinstance(entry.get("extra_augmentations") or [], list):  # checked here, before any run trains
             raise ValueError(f"Run '{name}': extra_augmentations must be a list of transforms, as augmentations: "
                              f"is, not {entry['extra_augmentations']!r}.")
-        if "scale" in entry and "from" not in entry:
+        if ("scale" in entry or "scale_pattern" in entry) and "from" not in entry:
             raise ValueError(f"Run '{name}': scale measures another run's adapter; add from: <that run>.")
+        try:  # a bad pattern fails here, before any run trains
+            check_scale_pattern(entry.get("scale_pattern", {}))
+        except ValueError as e:
+            raise ValueError(f"Run '{name}': scale_pattern: {e}") from None
         if "from" in entry and entry["from"] not in list(runs)[:list(runs).index(name)]:
             raise ValueError(f"Run '{name}': from: {entry['from']!r} must name a run listed before it.")
         if entry.get("keep_base") not in (None, True, False, SINGLE) or (
@@ -87,8 +92,10 @@ def _config(cfg: dict, name: str, out_dir: Path) -> dict:
                            extra_augmentations=entry.get("extra_augmentations"))
 
 
-def _model(run_dir: Path, kind: str, base: str, keep: bool | str, scale: float | None = None):
-    """The merged model a run deploys: its best adapter (scaled toward the base by ``scale``) merged into the base
+def _model(run_dir: Path, kind: str, base: str, keep: bool | str, scale: float | None = None,
+           pattern: dict[str, float] | None = None):
+    """The merged model a run deploys: its best adapter (scaled toward the base by ``scale``, module patterns by
+    their own factor) merged into the base
     (with the base beside it if ``keep``; the base's class outputs on the adapted path if ``keep`` is
     ``"single"``), or the fine-tuned checkpoint."""
     import visionpeft as vp
@@ -98,8 +105,8 @@ def _model(run_dir: Path, kind: str, base: str, keep: bool | str, scale: float |
     file = run_dir / "weights" / "best.safetensors"
     recorded = vp.read_adapter(file)[1].get("keep_base")  # the mode it trained in; else keep_base: true measures
     model = vp.load_adapter(vp.load_base(base), file, keep_base=None if recorded else keep is True)  # it at L=0
-    if scale is not None:
-        vp.scale_adapter(model, scale)
+    if scale is not None or pattern:
+        vp.scale_adapter(model, 1.0 if scale is None else scale, pattern=pattern)
     if keep == SINGLE:
         from ..families.yolo_keep import single_path_model
 
@@ -172,10 +179,12 @@ def run_keep_benchmark(cfg: dict, out_dir: str | Path | None = None) -> dict[str
         trained = done[source]["training"] if source != name else launch(
             run_spec(name, entry, _config(cfg, name, out_dir)), out_dir / f"{name}.spec.json",
             out_dir / f"{name}.result.json", name)
-        model = _model(out_dir / source, trained["kind"], weights, keeps_base(entry), entry.get("scale"))
-        mode = keeps_base(cfg["runs"][source] if "scale" in entry else entry)  # a scaled run: its source's mode
+        model = _model(out_dir / source, trained["kind"], weights, keeps_base(entry), entry.get("scale"),
+                       entry.get("scale_pattern"))
+        scaled = "scale" in entry or "scale_pattern" in entry
+        mode = keeps_base(cfg["runs"][source] if scaled else entry)  # a scaled run: its source's mode
         done[name] = {"name": name, "kind": trained["kind"], "keep_base": mode, "from": source,
-                      "scale": entry.get("scale"), "training": trained,
+                      "scale": entry.get("scale"), "scale_pattern": entry.get("scale_pattern"), "training": trained,
                       **measure(model, name, new_data, base_data, base_onnx, imgsz, out_dir, runs)}
         durations.append(time.perf_counter() - t0)
         save()

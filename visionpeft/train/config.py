@@ -28,7 +28,7 @@ from torch import nn
 from .. import settings
 from ..budget import RANK_PLANS, check_plannable, parse_budget
 from ..datasets import load_dataset
-from ..inject import inject
+from ..inject import check_scale_pattern, inject
 from ..keep_modes import SHARED_MODES, check_keep_base_mode
 from ..methods import LoraConfig, config_from_dict
 from ..paths import find_file, resolve_weights
@@ -98,7 +98,8 @@ class PeftSpec:
     random; 0: the BatchNorm statistics alone).
     ``keep_scale``: with ``keep_base: head`` or ``classes``, the deliverable ``best.safetensors`` holds the adapter
     scaled toward the base by this factor where the base classes read it (:func:`visionpeft.scale_adapter`): fewer
-    base-class points lost for some new-class ones; 1: as trained.
+    base-class points lost for some new-class ones; 1: as trained. ``keep_scale_pattern``: module-name patterns with
+    their own factor in [0, 1] (``scale_adapter``'s ``pattern``), e.g. ``{'model\\.[0-4]\\..*': 0}``.
     """
 
     adapter_name: str = "default"
@@ -119,6 +120,7 @@ class PeftSpec:
     dream_augment: bool = False
     dream_objects: int = 0
     keep_scale: float = 1.0
+    keep_scale_pattern: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not isinstance(self.adapter_name, str) or not self.adapter_name or "." in self.adapter_name:
@@ -164,9 +166,13 @@ class PeftSpec:
         if isinstance(self.keep_scale, bool) or not isinstance(self.keep_scale, (int, float)) or not (
                 0 < self.keep_scale <= 1):
             raise ValueError(f"peft.keep_scale must be a number in (0, 1], not {self.keep_scale!r}.")
-        if self.keep_scale != 1 and self.keep_base not in SHARED_MODES:
+        try:
+            check_scale_pattern(self.keep_scale_pattern)
+        except ValueError as e:
+            raise ValueError(f"peft.keep_scale_pattern: {e}") from None
+        if (self.keep_scale != 1 or self.keep_scale_pattern) and self.keep_base not in SHARED_MODES:
             raise ValueError("peft.keep_scale scales a trunk shared with the base classes; set peft.keep_base: "
-                             "classes or head (with distill_base), or drop keep_scale.")
+                             "classes or head (with distill_base), or drop keep_scale and keep_scale_pattern.")
         if self.rank_plan not in RANK_PLANS:
             raise ValueError(f"peft.rank_plan must be one of {list(RANK_PLANS)}, not {self.rank_plan!r}.")
         if not isinstance(self.methods, list) or not self.methods:

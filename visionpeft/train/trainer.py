@@ -209,9 +209,11 @@ class PeftDetectionTrainer(BaselineDetectionTrainer):
         model.visionpeft[SPEC_KEY] = self.peft.to_dict()
         if verbose:
             LOGGER.info(f"visionpeft adapter '{self.peft.adapter_name}':\n{trainable_report(model)}")
-            if self.peft.keep_scale != 1:
-                LOGGER.info(f"visionpeft: best.safetensors holds the adapter scaled by {self.peft.keep_scale:g} "
-                            "toward the base where the base classes read it (peft.keep_scale); the validation "
+            if self.peft.keep_scale != 1 or self.peft.keep_scale_pattern:
+                by = ", ".join(f"{p}: {f:g}" for p, f in self.peft.keep_scale_pattern.items())
+                LOGGER.info(f"visionpeft: best.safetensors holds the adapter scaled by {self.peft.keep_scale:g}"
+                            f"{f' ({by})' if by else ''} toward the base where the base classes read it "
+                            "(peft.keep_scale, keep_scale_pattern); the validation "
                             "here scores the adapter as trained")
         # Ultralytics' _setup_train warns once per frozen parameter and unfreezes it anyway; build_optimizer
         # freezes again, before any backward pass.
@@ -379,9 +381,9 @@ class PeftDetectionTrainer(BaselineDetectionTrainer):
 
     def _deliverable(self, model: nn.Module) -> nn.Module:
         """The adapter ``best.safetensors`` holds: as trained, or scaled toward the base (``peft.keep_scale``)."""
-        if self.peft.keep_scale == 1:
+        if self.peft.keep_scale == 1 and not self.peft.keep_scale_pattern:
             return model
-        return scale_adapter(copy.deepcopy(model), self.peft.keep_scale)
+        return scale_adapter(copy.deepcopy(model), self.peft.keep_scale, pattern=self.peft.keep_scale_pattern)
 
     def save_model(self) -> bool:
         """Ultralytics' checkpoints, written atomically, plus the float32 adapter files beside them."""
