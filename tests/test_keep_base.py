@@ -395,11 +395,14 @@ def test_keep_base_benchmark_at_a_tiny_budget(tiny_crops, tmp_path):
         assert (out / name).stat().st_size > 0, name
     base, recipe, l0, l16 = (results[k] for k in ("base", "recipe", "keep_l0", "keep_l16"))
     assert base["base_map50_95"] > 0 and base["new_map50_95"] == 0 and base["latency_vs_base"] > 0
+    assert base["base_train_map50_95"] > 0 and base["base_train_map50_95"] != base["base_map50_95"]  # other images
     assert recipe["base_map50_95"] == 0 and recipe["layer"] is None  # a plain adapter replaced the COCO classes
+    assert recipe["base_train_map50_95"] == 0
     assert l0["layer"] == 0 and l16["layer"] == 16 and l0["training"] == recipe["training"]
     for keep in (l0, l16):  # the base classes of the merged model: the base's own detections
         assert keep["base_map50_95"] == pytest.approx(base["base_map50_95"], abs=0.01)
         assert keep["base_map50_95_onnx"] == pytest.approx(base["base_map50_95"], abs=0.01)
+        assert keep["base_train_map50_95"] == pytest.approx(base["base_train_map50_95"], abs=0.01)
     assert l0["new_map50_95"] == pytest.approx(recipe["new_map50_95"], abs=0.01)  # the same adapter's new classes
     assert l0["onnx_mb"] > l16["onnx_mb"] > base["onnx_mb"]
     single = results["single"]  # one path: the recipe's new classes, the base's class outputs on its features
@@ -421,6 +424,7 @@ def test_keep_base_benchmark_at_a_tiny_budget(tiny_crops, tmp_path):
     assert scaled["training"] == classes["training"] and scaled["layer"] == 23
     assert scaled["keep_base"] == classes["keep_base"] and scaled["scale"] == 0.0
     assert scaled["base_map50_95"] == pytest.approx(base["base_map50_95"], abs=0.005)
+    assert scaled["base_train_map50_95"] == pytest.approx(base["base_train_map50_95"], abs=0.005)
     by_pattern = results["classes_p0"]  # a pattern that matches every module at 0: the same as scale 0
     assert by_pattern["keep_base"] == classes["keep_base"] and by_pattern["scale_pattern"] == {r"model\.\d+\..*": 0}
     assert by_pattern["base_map50_95"] == pytest.approx(scaled["base_map50_95"], abs=1e-4)
@@ -432,6 +436,7 @@ def test_keep_base_benchmark_at_a_tiny_budget(tiny_crops, tmp_path):
     with pytest.raises(ValueError, match="keep_base is true, false or 'single'"):  # one path from a branch adapter
         load_keep_config(cfg_file, {"runs": {"k": {"keep_base": True}, "s": {"from": "k", "keep_base": "single"}}})
     assert "| keep_l16 | keep_base | 16 |" in (out / "results.md").read_text()
+    assert "| base, train split | its drop (pts) |" in (out / "results.md").read_text()
 
     # resumes: finished runs are kept
     stamp = (out / "keep_l16" / "weights" / "best.safetensors").stat().st_mtime_ns

@@ -77,6 +77,22 @@ def test_dataset_yaml_resolves_against_assets_setting(tmp_path, monkeypatch):
     assert checked["train"] == str(assets / "datasets" / "coco8" / "images" / "train") and checked["nc"] == 80
 
 
+def test_train_split_as_val_scores_the_other_images(tmp_path):
+    """The keep-base benchmark's second set of base-class images: the dataset's train split read as val."""
+    from ultralytics.data.utils import check_det_dataset
+
+    from visionpeft.datasets import train_split_as_val
+
+    out = train_split_as_val("coco8.yaml", tmp_path / "split")
+    ensure_fonts()
+    checked = check_det_dataset(str(out))
+    assert checked["val"] == checked["train"] == str(settings.datasets_dir() / "coco8" / "images" / "train")
+    same = tmp_path / "same.yaml"  # no other split: nothing to score twice
+    same.write_text(f"path: {settings.datasets_dir() / 'coco8'}\ntrain: images/val\nval: images/val\nnames: "
+                    "{0: person}\n")
+    assert train_split_as_val(same, tmp_path / "none") is None
+
+
 def test_every_dataset_yaml_resolves():
     for name in ("crop_weed.yaml", "coco8.yaml", "coco128.yaml", "apple_detection.yaml"):
         cfg = load_config({"data": name})

@@ -169,6 +169,19 @@ def resolve_dataset(data: str | Path, out_dir: str | Path) -> Path:
     return atomic_write_bytes(Path(out_dir) / RESOLVED_NAME, text.encode())
 
 
+def train_split_as_val(data: str | Path, out_dir: str | Path) -> Path | None:
+    """A data YAML in ``out_dir`` whose val split is ``data``'s train split (a second set of images to score a
+    model on), or None when ``data`` has no train split other than its val split."""
+    resolved, source = load_dataset(data)
+    if not resolved.get("train") or resolved.get("train") == resolved.get("val"):
+        return None
+    resolved["path"] = str(_dataset_root(resolved, source).resolve())
+    resolved["val"] = resolved["train"]
+    header = f"# Written by visionpeft from {source}: its train split as the val split\n"
+    text = header + yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True)
+    return atomic_write_bytes(Path(out_dir) / RESOLVED_NAME, text.encode())
+
+
 def class_names(names: Any, nc: int | None = None) -> list[str]:
     """Class names as a list by index, from a list or an ``{index: name}`` dict (a data YAML's ``names:``, a
     model's ``names``); without names, Ultralytics' ``class0``, ``class1``, ..."""
