@@ -329,16 +329,17 @@ def test_crops_keep_branch_config_trains_an_exact_branch_adapter(tiny_crops, tmp
 
 
 def test_crops_keep_config_is_the_measured_benchmark_row():
-    """configs/crops_keep.yaml ships the keep-base benchmark's keep_cls_distill05_odreams_s08: that row's
-    training settings, and its scale as keep_scale."""
+    """configs/crops_keep.yaml ships the keep-base benchmark's keep_cls_distill05_odreams_l04box0_s09: that row's
+    training settings, its scale as keep_scale and its scale_pattern as keep_scale_pattern."""
     from visionpeft.bench.keep_base import load_keep_config
 
     config = load_config("crops_keep.yaml")
     runs = load_keep_config("bench_keep_base.yaml")["runs"]
-    assert runs["keep_cls_distill05_odreams_s08"].get("from") == "keep_cls_distill05_odreams"
+    shipped = runs["keep_cls_distill05_odreams_l04box0_s09"]
+    assert shipped.get("from") == "keep_cls_distill05_odreams"
     row = runs["keep_cls_distill05_odreams"]["peft"]
     assert {k: getattr(config.peft, k) for k in row} == row
-    assert config.peft.keep_scale == runs["keep_cls_distill05_odreams_s08"]["scale"]
+    assert config.peft.keep_scale == shipped["scale"] and config.peft.keep_scale_pattern == shipped["scale_pattern"]
     crops = load_config("crops.yaml")  # the benchmark rows train crops.yaml with their peft: keys on top
     assert config.peft.methods == crops.peft.methods and config.peft.lr_mult == crops.peft.lr_mult
     assert config.augmentations == crops.augmentations
