@@ -2,7 +2,8 @@
 
 Each run trains as in the main benchmark (one worker process; :mod:`.runner`), then its merged model is measured
 here: new-class mAP50-95 on the training dataset's val split, base-class mAP50-95 on ``base_data``'s val split
-(PyTorch and ONNX), ONNX size and onnxruntime CPU latency against the plain base's ONNX (timed in turn, 1 thread).
+(PyTorch and ONNX) and on its train split (PyTorch: a second set of images, as many again), ONNX size and
+onnxruntime CPU latency against the plain base's ONNX (timed in turn, 1 thread).
 A ``from: <run>`` entry trains nothing and measures that run's adapter in keep-base mode (``from: recipe`` with
 ``keep_base: true`` is the recipe at L = 0: two whole networks; with ``keep_base: single``, one path: the adapted
 layers feed the base's class outputs too, what a single path gives before any distillation); a run that trains
