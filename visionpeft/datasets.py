@@ -163,10 +163,7 @@ def resolve_dataset(data: str | Path, out_dir: str | Path) -> Path:
     raw = yaml.safe_load(source.read_text()) or {}
     if resolved == raw:
         return source
-    resolved["path"] = str(_dataset_root(resolved, source).resolve())
-    header = f"# Written by visionpeft from {source} with {PLACEHOLDER} = {settings.assets_dir()}\n"
-    text = header + yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True)
-    return atomic_write_bytes(Path(out_dir) / RESOLVED_NAME, text.encode())
+    return _write_resolved(resolved, source, out_dir, f"with {PLACEHOLDER} = {settings.assets_dir()}")
 
 
 def train_split_as_val(data: str | Path, out_dir: str | Path) -> Path | None:
@@ -175,10 +172,14 @@ def train_split_as_val(data: str | Path, out_dir: str | Path) -> Path | None:
     resolved, source = load_dataset(data)
     if not resolved.get("train") or resolved.get("train") == resolved.get("val"):
         return None
-    resolved["path"] = str(_dataset_root(resolved, source).resolve())
-    resolved["val"] = resolved["train"]
-    header = f"# Written by visionpeft from {source}: its train split as the val split\n"
-    text = header + yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True)
+    return _write_resolved({**resolved, "val": resolved["train"]}, source, out_dir, "with its train split as val")
+
+
+def _write_resolved(resolved: dict, source: Path, out_dir: str | Path, how: str) -> Path:
+    """``out_dir/dataset.yaml``: ``resolved`` (read from ``source``) with an absolute ``path``."""
+    resolved = {**resolved, "path": str(_dataset_root(resolved, source).resolve())}
+    text = f"# Written by visionpeft from {source} {how}\n" + yaml.safe_dump(resolved, sort_keys=False,
+                                                                              allow_unicode=True)
     return atomic_write_bytes(Path(out_dir) / RESOLVED_NAME, text.encode())
 
 

@@ -157,8 +157,9 @@ def run_keep_benchmark(cfg: dict, out_dir: str | Path | None = None) -> dict[str
     first = _config(cfg, next(iter(cfg["runs"])), out_dir)
     imgsz, weights, runs = int(first["train"].get("imgsz", 640)), str(first["model"]), int(cfg.get("latency_runs", 50))
     new_data = resolve_dataset(first["data"], out_dir / "data_new")
-    base_data = resolve_dataset(cfg.get("base_data", "coco128.yaml"), out_dir / "data_base")
-    base_train = train_split_as_val(cfg.get("base_data", "coco128.yaml"), out_dir / "data_base_train")
+    base_yaml = cfg.get("base_data", "coco128.yaml")
+    base_data = resolve_dataset(base_yaml, out_dir / "data_base")
+    base_train = train_split_as_val(base_yaml, out_dir / "data_base_train")
     base = load_base(weights)
     base_onnx = out_dir / f"{BASE_ROW}.onnx"
     if not base_onnx.is_file():
