@@ -15,7 +15,7 @@ LAYERS = [
     ("methods", ["visionpeft.methods"]),  # adapter maths: torch only
     ("core", ["visionpeft.version", "visionpeft.settings", "visionpeft.paths", "visionpeft.frozen_norm",
               "visionpeft.integrations", "visionpeft.keep_modes", "visionpeft.modules", "visionpeft.families",
-              "visionpeft.inject",
+              "visionpeft.inject", "visionpeft.data_init",
               "visionpeft.budget",
               "visionpeft.io", "visionpeft.fonts", "visionpeft.datasets", "visionpeft.class_offset",
               "visionpeft.vitdet", "visionpeft.models", "visionpeft.yolo_model", "visionpeft"]),

@@ -12,12 +12,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import run
 from timm.layers import Mlp
 from torch import nn
 
 import visionpeft as vp
 from visionpeft.methods import AdaptedModule, config_from_dict
 from visionpeft.methods.bottleneck import ConvBottleneck, TokenBottleneck
+from visionpeft.modules import adapted_modules
 
 torch.manual_seed(0)
 
@@ -287,6 +289,64 @@ def test_pissa_computes_the_update_from_its_start_and_merges_exactly(method, kin
     assert rel_err(y, layer(x)) > 1e-2
     assert rel_err(y, apply_weight(layer, x, w)) < 1e-5
     assert rel_err(wrapper.merged()(x), y) < 1e-5
+
+
+# -- EVA initialisation (A from the layer's inputs) ---------------------------------------------------------------
+def reference_patches(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """(groups, patches, in/groups * kh * kw): every input patch ``layer`` reads, cut out by slicing."""
+    if isinstance(layer, nn.Linear):
+        return x.reshape(1, -1, x.shape[-1])
+    mode = "constant" if layer.padding_mode == "zeros" else layer.padding_mode
+    xp = F.pad(x, layer._reversed_padding_repeated_twice, mode=mode)
+    (kh, kw), (sh, sw), (dh, dw) = layer.kernel_size, layer.stride, layer.dilation
+    ho, wo = layer(x).shape[2:]
+    cut = [xp[:, :, i * dh: i * dh + sh * (ho - 1) + 1: sh, j * dw: j * dw + sw * (wo - 1) + 1: sw]
+           for i in range(kh) for j in range(kw)]
+    p = torch.stack(cut, 2)  # (n, c, kh * kw, ho, wo)
+    g = layer.groups
+    p = p.reshape(p.shape[0], g, -1, ho * wo)  # channel-major per group, as a conv weight is laid out
+    return p.permute(1, 0, 3, 2).reshape(g, -1, p.shape[2])
+
+
+@pytest.mark.parametrize("config", [vp.LoraConfig(r=2, alpha=4, init="eva"), vp.DoraConfig(r=2, alpha=8, init="eva")])
+@pytest.mark.parametrize("kind", LAYERS)
+def test_eva_starts_along_the_inputs_principal_directions_equal_to_the_base(config, kind):
+    layer = make_layer(kind)
+    x = layer_input(layer) + torch.linspace(-1, 2, layer_input(layer).shape[-1])  # inputs with a mean and a slope
+    wrapper = wrap(copy.deepcopy(layer), config)
+    adapter = wrapper.adapters["a"]
+    drawn = adapter.lora_A.weight.detach().clone()
+    assert vp.init_from_data(wrapper, [x, 2 * x]) == 1
+    torch.testing.assert_close(wrapper(x), layer(x), rtol=1e-4, atol=1e-5)  # B = 0: still the base
+    assert not adapter.lora_B.weight.any()
+    p = reference_patches(layer, x).double()
+    moments = 5 * p.transpose(1, 2) @ p  # x and 2x
+    g, r = p.shape[0], adapter.r
+    a = adapter.lora_A.weight.detach().double().reshape(g, r, -1)
+    torch.testing.assert_close(a @ a.transpose(1, 2), torch.eye(r, dtype=a.dtype).expand(g, r, r) / 3)  # default norm
+
+    def energy(rows: torch.Tensor) -> torch.Tensor:  # input energy each group's rows capture, per unit norm
+        rows = rows / rows.norm(dim=2, keepdim=True)
+        return torch.einsum("grd,gde,gre->g", rows, moments, rows)
+
+    top = torch.linalg.eigvalsh(moments).flip(-1)[:, :r].sum(1)
+    torch.testing.assert_close(energy(a), top, rtol=1e-6, atol=1e-9)  # the top-r subspace, per group
+    if r < a.shape[2]:  # a drawn (or any other) direction captures less
+        assert (energy(drawn.double().reshape(a.shape)) < top).all()
+
+
+def test_eva_sets_only_active_eva_adapters_of_a_detector_and_keeps_its_output(base, images):
+    model = base("yolo11n.yaml", nc=3)
+    vp.inject(model, vp.LoraConfig(r=4), adapter_name="plain")
+    assert vp.init_from_data(model, iter(())) == 0  # no active eva adapter: the batches are not even read
+    vp.inject(model, vp.DoraConfig(r=4, init="eva"), adapter_name="eva")
+    drawn = {(n, k): a.lora_A.weight.detach().clone() for n, w in adapted_modules(model) for k, a in w.adapters.items()}
+    want = run(model, images)
+    assert vp.init_from_data(model, [images]) == len(drawn) // 2
+    torch.testing.assert_close(run(model, images), want, rtol=1e-5, atol=1e-5)
+    for (n, k), a in drawn.items():
+        now = model.get_submodule(n).adapters[k].lora_A.weight
+        assert torch.equal(now, a) == (k == "plain"), (n, k)
 
 
 # -- bottleneck adapters -----------------------------------------------------------------------------------------

@@ -10,16 +10,20 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
 import os
+import random
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import Messages
 from ultralytics.nn.tasks import load_checkpoint
 
 import visionpeft as vp
@@ -131,7 +135,6 @@ def test_adapter_trained_and_file_reproduces_the_ema(coco8_run, images):
 def test_channels_last_on_cpu_trains_nhwc_and_saves_plain_files(tmp_path, images, fresh_base):
     """``channels_last=True`` on the CPU, which Ultralytics ignores with a warning: the model (adapters included) and
     its EMA train in NHWC, no warning, the flag stays recorded, and the adapter file reproduces the EMA."""
-    from conftest import Messages
 
     rec = Recorder()
     with Messages() as log:
@@ -329,3 +332,32 @@ def test_trainer_with_everything_trainable_reproduces_ultralytics_full_fine_tuni
         trainer.train()
     assert len(losses["full"]) == len(losses["peft"]) >= 4  # two optimizer steps at least (nbs 4, batch 2)
     torch.testing.assert_close(torch.stack(losses["peft"]), torch.stack(losses["full"]), rtol=1e-5, atol=1e-6)
+
+
+def test_eva_init_starts_from_the_train_images_and_leaves_the_runs_draws_as_they_were(tmp_path):
+    """``init: eva`` sets each ``A`` from 64 unaugmented train images before training; the run's random streams
+    (Python's, which Ultralytics' augmentations read, numpy's, torch's) are where the zero init leaves them, so the
+    two runs train on the same batches and augmentations."""
+    states, starts = {}, {}
+
+    def grab(init):
+        def callback(trainer):
+            states[init] = (random.getstate(), np.random.get_state()[1].copy(), torch.get_rng_state())
+            starts[init] = {n: w.adapters["crops"].lora_A.weight.detach().clone()
+                            for n, w in adapted_modules(trainer.model) if hasattr(w.adapters["crops"], "lora_A")}
+        return callback
+
+    for init in ("zero", "eva"):
+        with Messages(logging.INFO) as log:
+            train("crops.yaml", callbacks={"on_pretrain_routine_end": grab(init)}, project=str(tmp_path), name=init,
+                  epochs=1, fraction=0.02, val=False, **FAST,
+                  **{"peft.methods": [{"method": "dora", "r": 4, "alpha": 8, "init": init}]})
+        told = [line for line in log.records if "init eva" in line]
+        assert told == ([f"visionpeft: init eva: {len(starts[init])} adapters start along their inputs' principal "
+                         "directions"] if init == "eva" else [])
+    (py0, np0, t0), (py1, np1, t1) = states["zero"], states["eva"]
+    assert py0 == py1 and (np0 == np1).all() and torch.equal(t0, t1)
+    assert all(not torch.equal(starts["eva"][n], a) for n, a in starts["zero"].items())
+    for a in starts["eva"].values():  # orthogonal rows of the default draw's norm
+        a = a.flatten(1)
+        assert abs(float(a.norm(dim=1).mean()) - 3 ** -0.5) < 1e-4

@@ -29,6 +29,7 @@ else:
 
     _check_ultralytics()  # one clear error for an untested Ultralytics, before anything imports it
     from .budget import RankPlan, plan_ranks
+    from .data_init import init_from_data
     from .inject import (
         base_state_dict,
         delete_adapter,
@@ -82,6 +83,7 @@ __all__ = [
     "delete_adapter",
     "fingerprint",
     "freeze",
+    "init_from_data",
     "inject",
     "load_adapter",
     "load_base",

@@ -47,6 +47,7 @@ class DoraAdapter(Adapter):
         self.scaling = alpha / r
         self.lora_A, self.lora_B = low_rank_pair(base, self.r)
         self.magnitude = nn.Parameter(channel_norm(base.weight.detach()).clone())
+        self.init = init
         if init == "pissa":
             principal_init(self, base)
 

@@ -28,7 +28,10 @@ class LoraConfig(AdapterConfig):
     r: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
-    init: str = "zero"  # "zero": B = 0 (Hu et al.); "pissa": the base's principal directions (Meng et al., 2024)
+    # "zero": B = 0 (Hu et al.); "pissa": the base's principal directions (Meng et al., 2024); "eva": B = 0 with A
+    # along the principal directions of the layer's inputs on the task's images (methods/eva.py), set by
+    # visionpeft.init_from_data before training (the trainer does it); until then, and on load, it is the zero init
+    init: str = "zero"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -42,7 +45,7 @@ class LoraConfig(AdapterConfig):
         return LoraAdapter(base, r=r, alpha=self.alpha, dropout=self.dropout, init=self.init)
 
 
-INITS = ("zero", "pissa")
+INITS = ("zero", "pissa", "eva")
 
 
 def group_rank(base: nn.Module, r: int) -> int:
@@ -165,6 +168,7 @@ class LoraAdapter(Adapter):
         self.scaling = alpha / r
         self.lora_A, self.lora_B = low_rank_pair(base, self.r)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.init = init
         if init == "pissa":
             principal_init(self, base)
 

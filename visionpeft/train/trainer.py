@@ -29,11 +29,13 @@ from __future__ import annotations
 import copy
 import json
 import os
+import random
 import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from ultralytics.nn.tasks import DetectionModel
@@ -41,6 +43,7 @@ from ultralytics.utils import DEFAULT_CFG, LOGGER, RANK
 from ultralytics.utils.torch_utils import unwrap_model
 
 from ..budget import RankPlan, plan_ranks
+from ..data_init import init_from_data
 from ..inject import (
     STATE_ATTR,
     fingerprint,
@@ -58,7 +61,7 @@ from .baseline import BaselineDetectionTrainer
 from .config import PeftSpec
 from .distill import DISTILL_KINDS, BaseDistillLoss
 from .dreams import load_or_dream
-from .rank_probe import probe_losses
+from .rank_probe import probe_images, probe_losses
 
 SPEC_KEY = "train"  # model.visionpeft[SPEC_KEY]: the PeftSpec a checkpoint was trained with (for resume)
 
@@ -197,11 +200,13 @@ class PeftDetectionTrainer(BaselineDetectionTrainer):
                 set_adapter(model, name)
             else:
                 self.peft.inject(model, self.data["names"])
+                self._init_from_data(model)
         else:
             base = (copy.deepcopy(weights).float() if weights is not None
                     else build_detector(cfg, nc=self.data["nc"], ch=self.data["channels"]))
             plan = self._plan_ranks(base) if self.peft.budget is not None else None
             model = self.peft.inject(base, self.data["names"], plan.configs if plan else None)
+            self._init_from_data(model)
             if plan is not None:  # adapter files record the budget; the ranks are in the configs' rank_pattern
                 model.visionpeft["adapters"][self.peft.adapter_name]["budget"] = plan.record()
             if str(self.args.model).endswith(".pt"):
@@ -229,6 +234,18 @@ class PeftDetectionTrainer(BaselineDetectionTrainer):
             plan = plan_ranks(base, spec.configs(), spec.budget, losses, spec.rank_plan, self.data["names"])
         LOGGER.info(f"visionpeft: {plan.summary()}")
         return plan
+
+    def _init_from_data(self, model: nn.Module) -> None:
+        """``init: eva`` adapters start from their layers' inputs on 64 unaugmented train images. Every random
+        stream is left as it was, so the run draws the same batches and augmentations as with the zero init."""
+        if not any(c.get("init") == "eva" for c in self.peft.configs()):
+            return
+        state, np_state = random.getstate(), np.random.get_state()
+        with torch.random.fork_rng():
+            layers = init_from_data(model, probe_images(self))
+        random.setstate(state)  # Ultralytics' Format draws from Python's stream for every image it formats
+        np.random.set_state(np_state)
+        LOGGER.info(f"visionpeft: init eva: {layers} adapters start along their inputs' principal directions")
 
     def _adopt_checkpoint_spec(self, state: dict) -> None:
         """On resume, the adapter recipe and LR multiplier are the checkpoint's, not whatever was passed now."""
