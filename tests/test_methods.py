@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import run
+from conftest import randomize_adapters, run
 from timm.layers import Mlp
 from torch import nn
 
@@ -347,6 +347,10 @@ def test_eva_sets_only_active_eva_adapters_of_a_detector_and_keeps_its_output(ba
     for (n, k), a in drawn.items():
         now = model.get_submodule(n).adapters[k].lora_A.weight
         assert torch.equal(now, a) == (k == "plain"), (n, k)
+    randomize_adapters(model)  # as after training: a second call would replace what was learned
+    with pytest.raises(ValueError, match=r"trained already \(B != 0\); call it right after inject") as e:
+        vp.init_from_data(model, [images])
+    assert "\n" not in str(e.value)
 
 
 # -- bottleneck adapters -----------------------------------------------------------------------------------------

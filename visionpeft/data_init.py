@@ -17,11 +17,16 @@ from .modules import adapted_modules
 def init_from_data(model: nn.Module, batches: Iterable[torch.Tensor]) -> int:
     """Start every active ``init: eva`` adapter of ``model`` from the inputs of its layer on ``batches`` (the
     model runs in eval mode; its adapters still equal the base there, ``B`` being zero). Returns how many layers
-    were set; 0 when no active adapter asks for it (the batches are then not read)."""
+    were set; 0 when no active adapter asks for it (the batches are then not read). Adapters that
+    trained already (``B != 0``) are refused."""
     wrappers = {name: w for name, w in adapted_modules(model)
                 if w.active_adapter is not None and getattr(w.adapters[w.active_adapter], "init", None) == "eva"}
     if not wrappers:
         return 0
+    trained = [name for name, w in wrappers.items() if w.adapters[w.active_adapter].lora_B.weight.any()]
+    if trained:  # a second call would replace trained directions and break the layer's equality with its start
+        raise ValueError(f"init_from_data starts untrained adapters, but the active adapter of {trained[0]} is "
+                         "trained already (B != 0); call it right after inject, before training.")
     moments: dict[str, torch.Tensor] = {}
 
     def collect(name: str):
