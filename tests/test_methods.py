@@ -510,7 +510,7 @@ BAD_FIELDS = [
     (vp.LoraConfig, {"alpha": "1e3"}, "LoraConfig.alpha must be a number > 0, got '1e3' (a string"),
     (vp.LoraConfig, {"dropout": 1.0}, "LoraConfig.dropout must be a number in [0, 1), got 1.0"),
     (vp.LoraConfig, {"dropout": -0.1}, "LoraConfig.dropout must be a number in [0, 1), got -0.1"),
-    (vp.DoraConfig, {"init": "gaussian"}, "DoraConfig.init must be one of ['zero', 'pissa'], got 'gaussian'"),
+    (vp.DoraConfig, {"init": "gaussian"}, "DoraConfig.init must be one of ['zero', 'pissa', 'eva'], got 'gaussian'"),
     (vp.BottleneckConfig, {"r": 0}, "BottleneckConfig.r must be an integer >= 1, got 0"),
     (vp.BottleneckConfig, {"scale": 0}, "BottleneckConfig.scale must be a number != 0, got 0"),
     (vp.BottleneckConfig, {"scale": float("inf")}, "BottleneckConfig.scale must be a number != 0, got inf"),
