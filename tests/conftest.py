@@ -115,14 +115,15 @@ def max_rel_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
 
 
 def randomize_adapters(model: nn.Module, std: float = 0.05, seed: int = 0) -> None:
-    """Give every adapter of the model non-zero tensors (LoRA ``B``, bottleneck ``up`` and new class outputs start
-    at zero), as training would."""
+    """Give every adapter of the model non-zero tensors (LoRA ``B``, LoHa ``w2_B``, bottleneck ``up`` and new class
+    outputs start at zero), as training would."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for _, wrapper in adapted_modules(model):
             for adapter in wrapper.adapters.values():
                 for name, p in adapter.named_parameters():
-                    if name.endswith(("lora_B.weight", "up.weight", "up.bias")) or name == "bias":  # shift too
+                    zero_start = ("lora_B.weight", "w2_B.weight", "up.weight", "up.bias")
+                    if name.endswith(zero_start) or name == "bias":  # shift's bias too
                         p.copy_(torch.randn(p.shape, generator=g) * std)
                     elif name == "module.weight" and not p.any():  # a new class output: PyTorch's conv init
                         nn.init.kaiming_uniform_(p, a=math.sqrt(5), generator=g)

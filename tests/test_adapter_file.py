@@ -20,6 +20,7 @@ CASES = {  # name: (base source, methods, class names)
     "yolo11-lora-new-classes": ("yolo11n.pt", [vp.LoraConfig(r=4)], ["crop", "weed"]),
     "yolov8-dora": ("yolov8n.pt", [vp.DoraConfig(r=2)], None),
     "yolo11-dora-pissa-new-classes": ("yolo11n.pt", [vp.DoraConfig(r=4, init="pissa")], ["crop", "weed"]),
+    "yolo11-loha-dora-new-classes": ("yolo11n.pt", [vp.LohaConfig(r=2, use_dora=True)], ["crop", "weed"]),
     "yolo11-bottleneck-and-lora": ("yolo11n.yaml", [vp.BottleneckConfig(r=4), vp.LoraConfig(r=2, layers=[23])],
                                    None),
     "vit-lora-new-classes": (VIT, [vp.LoraConfig(r=4)], ["a", "b", "c"]),

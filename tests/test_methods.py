@@ -353,6 +353,58 @@ def test_eva_sets_only_active_eva_adapters_of_a_detector_and_keeps_its_output(ba
     assert "\n" not in str(e.value)
 
 
+# -- LoHa ------------------------------------------------------------------------------------------------------
+def group_product(a: torch.Tensor, b: torch.Tensor, base: nn.Module) -> torch.Tensor:
+    """Reference ``B @ A`` per channel group, from the two factor weights, shaped like the base weight."""
+    if isinstance(base, nn.Linear):
+        return b @ a
+    g = base.groups
+    r, out_g = a.shape[0] // g, base.out_channels // g
+    blocks = [b[j * out_g:(j + 1) * out_g, :, 0, 0] @ a[j * r:(j + 1) * r].flatten(1) for j in range(g)]
+    return torch.cat(blocks).reshape(base.weight.shape)
+
+
+@pytest.mark.parametrize("use_dora", [False, True], ids=["loha", "loha-dora"])
+@pytest.mark.parametrize("kind", LAYERS)
+def test_loha_output_and_exact_merge(kind, use_dora):
+    layer = make_layer(kind)
+    x = layer_input(layer)
+    wrapper = wrap(copy.deepcopy(layer), vp.LohaConfig(r=2, alpha=4, use_dora=use_dora))
+    torch.testing.assert_close(wrapper(x), layer(x), rtol=1e-5, atol=1e-6)  # starts at the base
+    adapter = wrapper.adapters["a"]
+    with torch.no_grad():
+        adapter.w2_B.weight.normal_(0, 0.1)
+        if use_dora:
+            adapter.magnitude.mul_(torch.rand_like(adapter.magnitude) + 0.5)
+    delta = adapter.scaling * group_product(adapter.w1_A.weight, adapter.w1_B.weight, layer) \
+        * group_product(adapter.w2_A.weight, adapter.w2_B.weight, layer)
+    w = layer.weight + delta
+    if use_dora:
+        w = adapter.magnitude * w / w.flatten(1).norm(dim=1).reshape(-1, *([1] * (w.dim() - 1)))
+    y = wrapper(x)
+    assert rel_err(y, layer(x)) > 1e-2
+    assert rel_err(y, apply_weight(layer, x, w)) < 1e-5
+    merged = wrapper.merged()
+    assert type(merged) is type(layer)
+    assert rel_err(merged(x), y) < 1e-5
+
+
+@pytest.mark.parametrize("kind", ["3x3", "grouped", "linear"])
+def test_loha_reaches_rank_r_squared_with_the_parameters_of_rank_2r(kind):
+    layer = make_layer(kind)
+    loha = wrap(layer, vp.LohaConfig(r=3)).adapters["a"]
+    lora = wrap(layer, vp.LoraConfig(r=6)).adapters["a"]
+    assert sum(p.numel() for p in loha.parameters()) == sum(p.numel() for p in lora.parameters())
+    first = group_product(loha.w1_A.weight, loha.w1_B.weight, layer)
+    assert float(first.detach().square().mean()) == pytest.approx(1.0, rel=1e-4)  # starts at unit RMS
+    with torch.no_grad():
+        loha.w2_B.weight.normal_()
+    groups = getattr(layer, "groups", 1)
+    delta = loha.delta_weight(layer).detach()
+    for block in delta.reshape(groups, delta.shape[0] // groups, -1):
+        assert torch.linalg.matrix_rank(block) == min(9, *block.shape)
+
+
 # -- bottleneck adapters -----------------------------------------------------------------------------------------
 def conv_block(cin: int, cout: int, stride: int) -> nn.Module:
     return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.SiLU()).eval()
@@ -490,7 +542,7 @@ def test_unknown_option_lists_the_valid_ones():
 
 
 def test_unknown_method_lists_the_available_ones():
-    with pytest.raises(ValueError, match=r"Unknown adapter method 'lokr'.*\['bottleneck', 'dora', 'lora'"):
+    with pytest.raises(ValueError, match=r"Unknown adapter method 'lokr'.*\['bottleneck', 'dora', 'loha', 'lora'"):
         config_from_dict({"method": "lokr", "r": 8})
     with pytest.raises(ValueError, match="Unknown adapter method 'None'"):
         config_from_dict({"r": 8})
@@ -510,6 +562,8 @@ BAD_FIELDS = [
     (vp.LoraConfig, {"alpha": "1e3"}, "LoraConfig.alpha must be a number > 0, got '1e3' (a string"),
     (vp.LoraConfig, {"dropout": 1.0}, "LoraConfig.dropout must be a number in [0, 1), got 1.0"),
     (vp.LoraConfig, {"dropout": -0.1}, "LoraConfig.dropout must be a number in [0, 1), got -0.1"),
+    (vp.LohaConfig, {"r": 0}, "LohaConfig.r must be an integer >= 1, got 0"),
+    (vp.LohaConfig, {"use_dora": "yes"}, "LohaConfig.use_dora must be true or false, got 'yes'"),
     (vp.DoraConfig, {"init": "gaussian"}, "DoraConfig.init must be one of ['zero', 'pissa', 'eva'], got 'gaussian'"),
     (vp.BottleneckConfig, {"r": 0}, "BottleneckConfig.r must be an integer >= 1, got 0"),
     (vp.BottleneckConfig, {"scale": 0}, "BottleneckConfig.scale must be a number != 0, got 0"),
@@ -663,7 +717,7 @@ def trained_wrapper(method: str) -> tuple[AdaptedModule, torch.Tensor]:
     return wrapper, layer_input(layer)
 
 
-@pytest.mark.parametrize("method", ["lora", "dora", "bottleneck", "shift", "norm_stats", "trainable"])
+@pytest.mark.parametrize("method", ["lora", "dora", "loha", "bottleneck", "shift", "norm_stats", "trainable"])
 @torch.no_grad()
 def test_scaling_an_update_to_zero_gives_the_base_and_to_one_keeps_it(method):
     wrapper, x = trained_wrapper(method)

@@ -46,6 +46,7 @@ else:
     from .methods import (
         BottleneckConfig,
         DoraConfig,
+        LohaConfig,
         LoraConfig,
         NormStatsConfig,
         ShiftConfig,
@@ -71,6 +72,7 @@ __all__ = [
     "AdapterFileError",
     "BottleneckConfig",
     "DoraConfig",
+    "LohaConfig",
     "LoraConfig",
     "NormStatsConfig",
     "RankPlan",

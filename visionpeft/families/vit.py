@@ -20,6 +20,7 @@ class VitFamily(Family):
     defaults = {
         "lora": {"target_types": ["Linear"], "target_modules": ["qkv", "proj", "fc1", "fc2"]},
         "dora": {"target_types": ["Linear"], "target_modules": ["qkv", "proj", "fc1", "fc2"]},
+        "loha": {"target_types": ["Linear"], "target_modules": ["qkv", "proj", "fc1", "fc2"]},
         "bottleneck": {"target_modules": [r"blocks\.\d+\.mlp"]},
     }
 

@@ -35,6 +35,7 @@ class VitDetFamily(YoloFamily):
     defaults = {
         "lora": VIT_LINEARS,
         "dora": VIT_LINEARS,
+        "loha": VIT_LINEARS,
         "bottleneck": {"target_modules": [r"model\.0\.vit\.blocks\.\d+\.mlp"]},
     }
 

@@ -67,6 +67,7 @@ class YoloFamily(Family):
     defaults = {
         "lora": {"target_types": ["Conv2d"], "exclude_modules": ["dfl.conv"]},
         "dora": {"target_types": ["Conv2d"], "exclude_modules": ["dfl.conv"]},
+        "loha": {"target_types": ["Conv2d"], "exclude_modules": ["dfl.conv"]},
         "bottleneck": {"target_types": ["C2f", "C3k2", "C3", "C2PSA", "A2C2f"]},
         "norm_stats": {"target_types": ["BatchNorm2d"]},
         "shift": {"target_types": ["BatchNorm2d"]},

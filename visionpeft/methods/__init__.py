@@ -7,13 +7,15 @@ from typing import Any
 from .base import AdaptedModule, Adapter, AdapterConfig
 from .bottleneck import BottleneckConfig
 from .dora import DoraConfig
+from .loha import LohaConfig
 from .lora import LoraConfig
 from .norm_stats import NormStatsConfig
 from .shift import ShiftConfig
 from .trainable import TrainableConfig
 
 METHODS: dict[str, type[AdapterConfig]] = {
-    c.method: c for c in (LoraConfig, DoraConfig, BottleneckConfig, NormStatsConfig, ShiftConfig, TrainableConfig)
+    c.method: c
+    for c in (LoraConfig, DoraConfig, LohaConfig, BottleneckConfig, NormStatsConfig, ShiftConfig, TrainableConfig)
 }
 
 
@@ -25,5 +27,5 @@ def config_from_dict(d: dict[str, Any]) -> AdapterConfig:
     return METHODS[name].from_dict(d)
 
 
-__all__ = ["METHODS", "AdaptedModule", "Adapter", "AdapterConfig", "BottleneckConfig", "DoraConfig", "LoraConfig",
-           "NormStatsConfig", "ShiftConfig", "TrainableConfig", "config_from_dict"]
+__all__ = ["METHODS", "AdaptedModule", "Adapter", "AdapterConfig", "BottleneckConfig", "DoraConfig", "LohaConfig",
+           "LoraConfig", "NormStatsConfig", "ShiftConfig", "TrainableConfig", "config_from_dict"]
