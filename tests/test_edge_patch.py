@@ -122,7 +122,7 @@ def test_patched_model_is_the_direct_export(made, data, case):
     assert len(yolo.predict(sample_images(data, "val", 1)[0], imgsz=IMGSZ, verbose=False)[0].boxes.cls) >= 0
 
 
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", [c for c in CASES if "loha" not in c])  # LoHa's convs travel whole
 def test_every_adapted_conv_is_rebuilt_from_its_factors_incl_depthwise(made, case):
     m = made[case]
     patch = onnx.load(str(m["result"].file))
