@@ -24,6 +24,7 @@ CASES = {  # name: (base source, methods, class names)
     "yolo11-bottleneck-and-lora": ("yolo11n.yaml", [vp.BottleneckConfig(r=4), vp.LoraConfig(r=2, layers=[23])],
                                    None),
     "vit-lora-new-classes": (VIT, [vp.LoraConfig(r=4)], ["a", "b", "c"]),
+    "vit-loha-new-classes": (VIT, [vp.LohaConfig(r=2)], ["a", "b", "c"]),
 }
 
 

@@ -378,7 +378,8 @@ def test_training_steps_change_adapters_and_leave_the_base_bitwise_unchanged(bas
     assert all(not torch.equal(params[n], before) for n, before in adapters_before.items())
 
 
-@pytest.mark.parametrize("config", [vp.LoraConfig(r=4), vp.DoraConfig(r=4)], ids=["lora", "dora"])
+@pytest.mark.parametrize("config", [vp.LoraConfig(r=4), vp.DoraConfig(r=4), vp.LohaConfig(r=2, use_dora=True)],
+                         ids=["lora", "dora", "loha"])
 def test_ultralytics_fuse_keeps_the_adapters(base, images, config):
     model = load(base, "yolo11n.pt")
     vp.inject(model, config, names=["crop", "weed"])
