@@ -128,6 +128,20 @@ class Adapter(nn.Module):
         raise TypeError(f"{type(self).__name__} cannot scale its update.")
 
 
+class WeightAdapter(Adapter):
+    """An adapter that computes its layer's whole adapted weight (``adapted_weight``): merging copies it in."""
+
+    mergeable: ClassVar[bool] = True
+
+    def adapted_weight(self, base: nn.Module) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def merge_into(self, base: nn.Module) -> nn.Module:
+        base.weight.copy_(self.adapted_weight(base))
+        return base
+
+
 class AdaptedModule(nn.Module):
     """A frozen ``base_layer`` plus named adapters; the active one (or none) decides the forward."""
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .base import Adapter, full_precision
+from .base import Adapter, WeightAdapter, full_precision
 from .lora import (
     LoraConfig,
     compose_weight,
@@ -38,8 +38,13 @@ def channel_norm(w: torch.Tensor) -> torch.Tensor:
     return w.flatten(1).norm(dim=1).reshape(-1, *([1] * (w.dim() - 1)))
 
 
-class DoraAdapter(Adapter):
-    mergeable = True
+def scale_magnitude_(magnitude: torch.Tensor, base: nn.Module, factor: float) -> None:
+    """Move per-filter magnitudes toward the base's filter norms (at 0: ``||W|| W / ||W|| = W``)."""
+    start = channel_norm(base.weight.detach()).to(magnitude.dtype)
+    magnitude.copy_(start + factor * (magnitude - start))
+
+
+class DoraAdapter(WeightAdapter):
 
     def __init__(self, base: nn.Module, r: int, alpha: float, init: str = "zero") -> None:
         super().__init__()
@@ -64,13 +69,7 @@ class DoraAdapter(Adapter):
         return functional_layer(base, x, w)
 
     @torch.no_grad()
-    def merge_into(self, base: nn.Module) -> nn.Module:
-        base.weight.copy_(self.adapted_weight(base))
-        return base
-
-    @torch.no_grad()
     def scale_update_(self, base: nn.Module, factor: float) -> None:
-        """Direction and magnitude each moved toward the base's (at 0: ``||W|| W / ||W|| = W``)."""
+        """Direction and magnitude each moved toward the base's."""
         scale_low_rank_(self, factor)
-        start = channel_norm(base.weight.detach()).to(self.magnitude.dtype)
-        self.magnitude.copy_(start + factor * (self.magnitude - start))
+        scale_magnitude_(self.magnitude, base, factor)

@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from . import checks
-from .base import Adapter, AdapterConfig, full_precision
-from .dora import channel_norm
+from .base import Adapter, AdapterConfig, WeightAdapter, full_precision
+from .dora import channel_norm, scale_magnitude_
 from .lora import compose_weight, functional_layer, group_rank, low_rank_pair
 
 
@@ -40,10 +40,8 @@ class LohaConfig(AdapterConfig):
         return LohaAdapter(base, r=r, alpha=self.alpha, use_dora=self.use_dora)
 
 
-class LohaAdapter(Adapter):
+class LohaAdapter(WeightAdapter):
     """``W' = W + s (B1 A1) * (B2 A2)`` (``B2 = 0`` at the start), optionally renormalised per filter (DoRA)."""
-
-    mergeable = True
 
     def __init__(self, base: nn.Module, r: int, alpha: float, use_dora: bool = False) -> None:
         super().__init__()
@@ -73,14 +71,8 @@ class LohaAdapter(Adapter):
         return functional_layer(base, x, w)
 
     @torch.no_grad()
-    def merge_into(self, base: nn.Module) -> nn.Module:
-        base.weight.copy_(self.adapted_weight(base))
-        return base
-
-    @torch.no_grad()
     def scale_update_(self, base: nn.Module, factor: float) -> None:
         """The update is linear in ``B2``; a DoRA magnitude moves toward the base's filter norms."""
         self.w2_B.weight.mul_(factor)
         if self.magnitude is not None:
-            start = channel_norm(base.weight.detach()).to(self.magnitude.dtype)
-            self.magnitude.copy_(start + factor * (self.magnitude - start))
+            scale_magnitude_(self.magnitude, base, factor)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import checks
-from .base import Adapter, AdapterConfig, full_precision
+from .base import Adapter, AdapterConfig, WeightAdapter, full_precision
 from .lowrank_linear import fusable, lowrank_linear
 
 
@@ -157,10 +157,8 @@ def start_weight(adapter: nn.Module, base: nn.Module) -> torch.Tensor:
     return base.weight - compose_weight(adapter.init_A, adapter.init_B, base) * adapter.scaling
 
 
-class LoraAdapter(Adapter):
+class LoraAdapter(WeightAdapter):
     """``y = base(x) + (alpha / r) * B(A(dropout(x)))``."""
-
-    mergeable = True
 
     def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0, init: str = "zero") -> None:
         super().__init__()
@@ -182,11 +180,6 @@ class LoraAdapter(Adapter):
         with full_precision(x):
             delta = self.lora_B(self.lora_A(self.dropout(x.float()))) * self.scaling
         return (base(x) if w is base.weight else functional_layer(base, x, w)) + delta
-
-    @torch.no_grad()
-    def merge_into(self, base: nn.Module) -> nn.Module:
-        base.weight.copy_(self.adapted_weight(base))
-        return base
 
     @torch.no_grad()
     def scale_update_(self, base: nn.Module, factor: float) -> None:
