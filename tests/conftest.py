@@ -10,6 +10,7 @@ import copy
 import logging
 import math
 import os
+import random
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -35,6 +36,7 @@ os.environ["YOLO_CONFIG_DIR"] = str(TEST_CONFIG_DIR)  # subprocesses of the test
 # Cached plain-base exports (visionpeft.export.onnx.cache_dir) go to the session's folder, not the user's cache.
 os.environ["VISIONPEFT_CACHE"] = str(TEST_CONFIG_DIR / "visionpeft-cache")
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
@@ -52,6 +54,15 @@ def user_settings_untouched():
     """After the whole session, the user's Ultralytics settings file is byte for byte what it was."""
     yield
     assert _snapshot(USER_SETTINGS) == USER_SETTINGS_BEFORE, f"the test suite changed {USER_SETTINGS}"
+
+
+@pytest.fixture(autouse=True)
+def seeded() -> None:
+    """Every test starts from the same random state, whichever tests ran before it (adapter factors, class outputs
+    and images draw from the global generators)."""
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
 
 
 @pytest.fixture(scope="session")

@@ -104,7 +104,9 @@ def test_float16_file_is_half_the_size_and_loads_back_into_float32(base, images,
     fresh = vp.load_adapter(vp.load_base(resolve_weights("yolo11n.pt")), half)
     assert {p.dtype for p in fresh.parameters()} == {torch.float32}
     expected, actual = run(model, images), run(fresh, images)
-    assert max_rel_diff(actual, expected) < 1e-3
+    # float16 rounds each value by up to 2^-11; through the network the outputs move ~1e-3 (0.6-1.1e-3 over six
+    # draws of the factors), a wrongly loaded tensor by far more
+    assert max_rel_diff(actual, expected) < 3e-3
 
 
 def test_pissa_file_holds_no_start_and_a_reload_checks_the_one_it_recomputes(base, images, tmp_path):
