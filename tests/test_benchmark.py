@@ -15,10 +15,10 @@ from visionpeft.train.config import load_config
 
 
 def test_benchmark_reports_and_resumes(tmp_path, capsys):
-    cfg = load_bench_config("bench_smoke.yaml", {"project": str(tmp_path), "only": "full,lora_r4"})
+    cfg = load_bench_config("bench_smoke.yaml", {"project": str(tmp_path), "only": "full,lora_r4,lora_r4_q4"})
     results = run_benchmark(cfg)
     out = tmp_path / "smoke"
-    assert [r["name"] for r in results] == ["full", "lora_r4"]
+    assert [r["name"] for r in results] == ["full", "lora_r4", "lora_r4_q4"]
     for name in ("results.json", "results.csv", "results.md", "map_vs_trainable.png"):
         assert (out / name).stat().st_size > 0, name
     rows = {r["name"]: r for r in csv.DictReader((out / "results.csv").open())}
@@ -30,6 +30,11 @@ def test_benchmark_reports_and_resumes(tmp_path, capsys):
         assert 0 <= float(r["mAP50-95"]) <= 1 and float(r["sec_per_epoch"]) > 0 and float(r["peak_rss_mb"]) > 100
         assert float(r["onnx_kb"]) > 1000 and float(r["onnx_latency_ms"]) > 0
     assert "| lora_r4 | peft |" in (out / "results.md").read_text()
+    # a 4-bit file (peft.file_bits) trains the same run and is scored as shipped, the trained score kept beside it
+    by_name = {r["name"]: r for r in results}
+    q4 = by_name["lora_r4_q4"]
+    assert q4["trained_mAP50-95"] == by_name["lora_r4"]["mAP50-95"] and "trained_mAP50-95" not in by_name["lora_r4"]
+    assert 0 <= q4["mAP50-95"] <= 1 and q4["task_file_kb"] < 0.5 * by_name["lora_r4"]["task_file_kb"]
     # time to full fine-tuning's mAP, from the per-epoch validation: full itself gets there at its best epoch
     curves = {r["name"]: r["curve"] for r in results}
     assert len(curves["full"]) == 1 and float(full["time_to_full_s"]) == pytest.approx(curves["full"][0][0])
@@ -40,7 +45,7 @@ def test_benchmark_reports_and_resumes(tmp_path, capsys):
     more = load_bench_config("bench_smoke.yaml", {"project": str(tmp_path), "only": "full,lora_r4,head_only"})
     run_benchmark(more)
     assert (out / "full" / "weights" / "best.pt").stat().st_mtime_ns == done
-    assert list(json.loads((out / "results.json").read_text())) == ["full", "lora_r4", "head_only"]
+    assert list(json.loads((out / "results.json").read_text())) == ["full", "lora_r4", "lora_r4_q4", "head_only"]
 
     # where each run's mAP goes: per-class confidence on true objects and on background (scripts/class_scores.py)
     assert class_scores_main([str(out / "full"), str(out / "lora_r4")]) == 0

@@ -187,6 +187,12 @@ def test_crop_weed_fraction_with_field_augmentations(tmp_path, fresh_base):
             assert not torch.equal(v, rec.initial[f"{name}/{k}"]), f"class head {name}.{k} did not train"
     assert_base_unchanged(trainer.ema.ema, fresh_base)
     assert summary.map50 is not None and (Path(summary.run_dir) / "weights" / "best.safetensors").is_file()
+    # crops.yaml ships a 4-bit file (peft.file_bits): the factors in blocks, the rest float16; it loads
+    best = Path(summary.run_dir) / "weights" / "best.safetensors"
+    meta = read_adapter(best)[1]
+    assert meta["rounded"]["bits"] == 4 and meta["rounded"]["tensors"]
+    assert all(k.endswith(("lora_A.weight", "lora_B.weight")) for k in meta["rounded"]["tensors"])
+    assert vp.load_adapter(vp.load_base(BASE), best).names == {0: "crop", 1: "weed"}
 
     # full_lr_mult=1: the class outputs (trained in full) at Ultralytics' own rate; loraplus_lr_ratio=4: lora_B at
     # 4x crops.yaml's x3, the rest of the adapters at x3

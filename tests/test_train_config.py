@@ -163,7 +163,8 @@ def test_reserved_and_mistyped_train_args():
 def test_peft_values_checked():
     for bad, match in [({"bn": "moving"}, "peft.bn"), ({"lr_mult": 0}, "lr_mult"), ({"methods": []}, "methods"),
                        ({"adapter_name": "a.b"}, "adapter_name"), ({"ema_tau": "fast"}, "peft.ema_tau"),
-                       ({"ema_tau": 0}, "peft.ema_tau")]:
+                       ({"ema_tau": 0}, "peft.ema_tau"), ({"file_bits": 2}, "peft.file_bits must be one of"),
+                       ({"file_bits": True}, "peft.file_bits")]:
         with pytest.raises(ConfigError, match=match):
             load_config({**MINIMAL, "peft": bad})
 

@@ -63,8 +63,12 @@ def run_one(spec: dict) -> dict:
     onnx = YOLO(str(best_pt)).export(format="onnx", imgsz=imgsz, verbose=False)  # fuse() merges adapters first
     m = trainer.metrics or {}
     args = trainer.args
+    shipped = rounded_file_metrics(spec, trainer, task_file) if peft else None
     return {
         **learning_curve(trainer, timer.train),
+        # a file of rounded factors (peft.file_bits) is scored as shipped; Ultralytics' validation, the trained one
+        **({"trained_mAP50": float(m.get("metrics/mAP50(B)", float("nan"))),
+            "trained_mAP50-95": float(m.get("metrics/mAP50-95(B)", float("nan"))), **shipped} if shipped else {}),
         "name": spec["name"],
         "kind": spec["kind"],
         # the budget this run actually had (images after ``fraction``), so a table can state it
@@ -73,8 +77,8 @@ def run_one(spec: dict) -> dict:
         "fraction": float(args.fraction),
         "seed": int(args.seed),
         "train_images": len(trainer.train_loader.dataset),
-        "mAP50": float(m.get("metrics/mAP50(B)", float("nan"))),
-        "mAP50-95": float(m.get("metrics/mAP50-95(B)", float("nan"))),
+        **(shipped or {"mAP50": float(m.get("metrics/mAP50(B)", float("nan"))),
+                       "mAP50-95": float(m.get("metrics/mAP50-95(B)", float("nan")))}),
         "trainable": int(trainable),
         "total": int(total),
         "trainable_pct": 100.0 * trainable / max(total, 1),
@@ -86,6 +90,24 @@ def run_one(spec: dict) -> dict:
         "onnx_kb": Path(onnx).stat().st_size / 1024,
         "onnx_latency_ms": latency_ms([onnx], (imgsz, imgsz))[0],  # onnxruntime CPU, 1 thread, median
     }
+
+
+def rounded_file_metrics(spec: dict, trainer, task_file: Path) -> dict | None:
+    """mAP of the adapter file as a team ships it, if it stores block-rounded factors (``peft.file_bits``), by the
+    validation Ultralytics ran on the trained weights (its val loader: twice the batch, rect); else ``None``."""
+    import tempfile
+
+    from ..io import ROUNDED_KEY, read_adapter
+    from ..yolo_model import YOLO
+
+    if ROUNDED_KEY not in read_adapter(task_file)[1]:
+        return None
+    args = trainer.args
+    with tempfile.TemporaryDirectory() as tmp:
+        r = YOLO(spec["config"]["model"], adapters=[task_file]).val(
+            data=args.data, imgsz=int(args.imgsz), batch=2 * int(args.batch), device=args.device, workers=0,
+            plots=False, verbose=False, project=tmp, name="val")
+    return {"mAP50": float(r.box.map50), "mAP50-95": float(r.box.map)}
 
 
 def learning_curve(trainer, train_seconds: list[float]) -> dict:

@@ -127,6 +127,11 @@ class Adapter(nn.Module):
         tensors, so adapter files, switching and merging carry it."""
         raise TypeError(f"{type(self).__name__} cannot scale its update.")
 
+    def roundable_keys(self) -> tuple[str, ...]:
+        """State-dict keys an adapter file may store rounded to 8 or 4 bits (:mod:`visionpeft.blockquant`): tensors
+        whose rounding error stays small in the update, such as low-rank factors that start at zero. None here."""
+        return ()
+
 
 class WeightAdapter(Adapter):
     """An adapter that computes its layer's whole adapted weight (``adapted_weight``): merging copies it in."""

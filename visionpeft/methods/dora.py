@@ -17,6 +17,7 @@ from .lora import (
     compose_weight,
     functional_layer,
     group_rank,
+    low_rank_keys,
     low_rank_pair,
     principal_init,
     scale_low_rank_,
@@ -74,3 +75,6 @@ class DoraAdapter(WeightAdapter):
         """Direction and magnitude each moved toward the base's."""
         scale_low_rank_(self, factor)
         scale_magnitude_(self.magnitude, base, factor)
+
+    def roundable_keys(self) -> tuple[str, ...]:
+        return low_rank_keys(self)  # not the magnitude: it scales the whole filter

@@ -76,3 +76,6 @@ class LohaAdapter(WeightAdapter):
         self.w2_B.weight.mul_(factor)
         if self.magnitude is not None:
             scale_magnitude_(self.magnitude, base, factor)
+
+    def roundable_keys(self) -> tuple[str, ...]:
+        return ("w1_A.weight", "w1_B.weight", "w2_A.weight", "w2_B.weight")  # not the magnitude

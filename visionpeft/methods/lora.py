@@ -185,6 +185,15 @@ class LoraAdapter(WeightAdapter):
     def scale_update_(self, base: nn.Module, factor: float) -> None:
         scale_low_rank_(self, factor)
 
+    def roundable_keys(self) -> tuple[str, ...]:
+        return low_rank_keys(self)
+
+
+def low_rank_keys(adapter: nn.Module) -> tuple[str, ...]:
+    """``A`` and ``B`` of an adapter whose update starts at zero. A PiSSA start puts the weights' principal part
+    in them, where rounding would change the layer by far more than the update: kept exact."""
+    return () if hasattr(adapter, "init_A") else ("lora_A.weight", "lora_B.weight")
+
 
 def scale_low_rank_(adapter: nn.Module, factor: float) -> None:
     """``s B A`` times ``factor``: exact for a zero start; a PiSSA start would need rank 2r, so it is refused."""

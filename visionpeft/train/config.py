@@ -39,6 +39,7 @@ from .ema import check_ema_tau
 CONFIGS_DIR = settings.ROOT / "configs"
 SECTIONS = ("model", "data", "peft", "augmentations", "train")
 DEFAULT_MODEL = "yolo11n.pt"
+FILE_BITS = (16, 8, 4)  # peft.file_bits: float16, or blockquant's rounded factors
 # Ultralytics keys that visionpeft sets itself, and where they go instead.
 RESERVED_TRAIN_KEYS = {
     "model": "use the top-level 'model:' (or model=...)",
@@ -100,6 +101,8 @@ class PeftSpec:
     scaled toward the base by this factor where the base classes read it (:func:`visionpeft.scale_adapter`): fewer
     base-class points lost for some new-class ones; 1: as trained. ``keep_scale_pattern``: module-name patterns with
     their own factor in [0, 1] (``scale_adapter``'s ``pattern``), e.g. ``{'model\\.[0-4]\\..*': 0}``.
+    ``file_bits``: how ``best.safetensors`` stores the low-rank factors: 16 (float16), 8 or 4 (integers in blocks
+    of 32 with a float16 scale each, :func:`visionpeft.save_adapter`'s ``bits``); everything else is float16.
     """
 
     adapter_name: str = "default"
@@ -121,6 +124,7 @@ class PeftSpec:
     dream_objects: int = 0
     keep_scale: float = 1.0
     keep_scale_pattern: dict = field(default_factory=dict)
+    file_bits: int = 16
 
     def __post_init__(self) -> None:
         if not isinstance(self.adapter_name, str) or not self.adapter_name or "." in self.adapter_name:
@@ -173,6 +177,9 @@ class PeftSpec:
         if (self.keep_scale != 1 or self.keep_scale_pattern) and self.keep_base not in SHARED_MODES:
             raise ValueError("peft.keep_scale scales a trunk shared with the base classes; set peft.keep_base: "
                              "classes or head (with distill_base), or drop keep_scale and keep_scale_pattern.")
+        if self.file_bits not in FILE_BITS or isinstance(self.file_bits, bool):
+            raise ValueError(f"peft.file_bits must be one of {list(FILE_BITS)} (16: float16; 8 or 4: the low-rank "
+                             f"factors rounded in blocks), not {self.file_bits!r}.")
         if self.rank_plan not in RANK_PLANS:
             raise ValueError(f"peft.rank_plan must be one of {list(RANK_PLANS)}, not {self.rank_plan!r}.")
         if not isinstance(self.methods, list) or not self.methods:

@@ -220,6 +220,9 @@ class PeftDetectionTrainer(BaselineDetectionTrainer):
                             f"{f' ({by})' if by else ''} toward the base where the base classes read it "
                             "(peft.keep_scale, keep_scale_pattern); the validation "
                             "here scores the adapter as trained")
+            if self.peft.file_bits != 16:
+                LOGGER.info(f"visionpeft: best.safetensors stores the low-rank factors in {self.peft.file_bits}-bit "
+                            "blocks (peft.file_bits); Ultralytics' validation here scores them unrounded")
         # Ultralytics' _setup_train warns once per frozen parameter and unfreezes it anyway; build_optimizer
         # freezes again, before any backward pass.
         for p in model.parameters():
@@ -421,8 +424,9 @@ class PeftDetectionTrainer(BaselineDetectionTrainer):
         os.replace(tmp_last, last)
         if is_best:
             # the per-task deliverable, in fp16 like Ultralytics' best.pt; last.safetensors stays fp32 for resume
+            bits = None if self.peft.file_bits == 16 else self.peft.file_bits
             save_adapter(self._deliverable(self.ema.ema), best.with_suffix(".safetensors"), extra=extra,
-                         dtype=torch.float16)
+                         dtype=torch.float16, bits=bits)
             os.replace(tmp_best, best)
         return saved
 
