@@ -49,7 +49,7 @@ CASES = {
 }
 
 
-def make_adapter(folder: Path, configs, names, name: str = "crops") -> Path:
+def make_adapter(folder: Path, configs, names, name: str = "crops", bits: int | None = None) -> Path:
     model = vp.load_base("yolo11n.pt")
     torch.manual_seed(0)  # LoRA A's initialisation
     vp.inject(model, configs, adapter_name=name, names=names)
@@ -59,7 +59,7 @@ def make_adapter(folder: Path, configs, names, name: str = "crops") -> Path:
             if ".adapters." in n and n.endswith("running_var"):
                 b.mul_(1.5)
     model.visionpeft["base"] = str(resolve_weights("yolo11n.pt"))  # as the trainer records it
-    return vp.save_adapter(model, folder / f"{name}.safetensors", dtype=torch.float16)
+    return vp.save_adapter(model, folder / f"{name}.safetensors", dtype=torch.float16, bits=bits)
 
 
 @pytest.fixture(scope="module")
@@ -273,10 +273,16 @@ def test_int8_is_refused_with_the_reason(made):
 
 
 def test_crops_recipe_patch_is_small_and_applies_within_a_second(tmp_path, capsys):
-    """configs/crops.yaml's adapter (DoRA r8 on every conv, 2 new classes) at its 320 px: the bar of issue 16."""
-    adapter = make_adapter(tmp_path, vp.DoraConfig(r=8, alpha=16), NAMES)
+    """configs/crops.yaml's adapter (DoRA r8 on every conv, 2 new classes, 4-bit factors) at its 320 px: the bar of
+    issue 16. Restored 4-bit factors are float16 numbers, so the patch stores them as float16, as for a float16
+    file, and still rebuilds the direct export to float32 rounding."""
+    adapter = make_adapter(tmp_path, vp.DoraConfig(r=8, alpha=16), NAMES, bits=4)
+    assert read_adapter(adapter)[1]["rounded"]["bits"] == 4
     result = export_patch(adapter=adapter, imgsz=320, out=tmp_path)
-    assert result.size <= 0.10 * result.merged_size
+    assert result.size <= 0.10 * result.merged_size and result.max_rel <= 1e-5
+    patch = onnx.load(str(result.file))
+    factors = [t for t in patch.graph.initializer if t.name.endswith(("/A", "/B"))]
+    assert factors and all(t.data_type == onnx.TensorProto.FLOAT16 for t in factors)
     times = []
     for _ in range(3):
         start = time.perf_counter()
