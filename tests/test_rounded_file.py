@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from conftest import randomize_adapters, run
+from conftest import VIT, VIT_KWARGS, randomize_adapters, run
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -133,3 +133,22 @@ def test_corrupt_rounded_tensors_are_refused_in_one_line(base, tmp_path):
         assert "\n" not in str(e.value)
     with pytest.raises(ValueError, match="bits must be one of"):
         vp.save_adapter(dora_model(base), tmp_path / "x.safetensors", bits=3)
+
+
+def test_vit_lora_file_rounds_its_linear_factors(base, tmp_path):
+    """timm ViT LoRA (Linear factors, new classes): the same layout, reloaded onto the same random-weight ViT."""
+    plain = base(VIT, **VIT_KWARGS)
+    model = vp.inject(copy.deepcopy(plain), vp.LoraConfig(r=4), adapter_name="task", names=["a", "b", "c"])
+    randomize_adapters(model)
+    path = vp.save_adapter(model, tmp_path / "vit.safetensors", bits=4)
+    rounded = vp.read_adapter(path)[1]["rounded"]["tensors"]
+    assert rounded and all(k.endswith(("lora_A.weight", "lora_B.weight")) for k in rounded)
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    fresh = vp.load_adapter(copy.deepcopy(plain), path)
+    expected = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, wrapper in adapted_modules(expected):
+            for key, t in wrapper.adapters["task"].state_dict(keep_vars=True).items():
+                if f"{name}/{key}" in rounded:
+                    t.copy_(blockquant.dequantize(*blockquant.quantize(t, 4), 4, list(t.shape)))
+    assert all(torch.equal(a, b) for a, b in zip(run(fresh, images), run(expected, images), strict=True))
