@@ -63,12 +63,12 @@ def run_one(spec: dict) -> dict:
     onnx = YOLO(str(best_pt)).export(format="onnx", imgsz=imgsz, verbose=False)  # fuse() merges adapters first
     m = trainer.metrics or {}
     args = trainer.args
+    trained = {k: float(m.get(f"metrics/{k}(B)", float("nan"))) for k in ("mAP50", "mAP50-95")}
     shipped = rounded_file_metrics(spec, trainer, task_file) if peft else None
     return {
         **learning_curve(trainer, timer.train),
         # a file of rounded factors (peft.file_bits) is scored as shipped; Ultralytics' validation, the trained one
-        **({"trained_mAP50": float(m.get("metrics/mAP50(B)", float("nan"))),
-            "trained_mAP50-95": float(m.get("metrics/mAP50-95(B)", float("nan"))), **shipped} if shipped else {}),
+        **({f"trained_{k}": v for k, v in trained.items()} if shipped else {}),
         "name": spec["name"],
         "kind": spec["kind"],
         # the budget this run actually had (images after ``fraction``), so a table can state it
@@ -77,8 +77,7 @@ def run_one(spec: dict) -> dict:
         "fraction": float(args.fraction),
         "seed": int(args.seed),
         "train_images": len(trainer.train_loader.dataset),
-        **(shipped or {"mAP50": float(m.get("metrics/mAP50(B)", float("nan"))),
-                       "mAP50-95": float(m.get("metrics/mAP50-95(B)", float("nan")))}),
+        **(shipped or trained),
         "trainable": int(trainable),
         "total": int(total),
         "trainable_pct": 100.0 * trainable / max(total, 1),
