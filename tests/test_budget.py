@@ -13,7 +13,7 @@ from conftest import Messages
 from torch import nn
 
 import visionpeft as vp
-from visionpeft.budget import parse_budget
+from visionpeft.budget import METADATA_MARGIN, parse_budget
 from visionpeft.inject import adapted_modules
 from visionpeft.io import adapter_to_bytes, read_adapter
 from visionpeft.train import ConfigError, load_config, train
@@ -45,7 +45,6 @@ def test_gradient_plan_puts_rank_where_the_gradient_is():
     configs = [{"method": "lora", "r": 4, "target_modules": ["a", "b"]}]
     plan = vp.plan_ranks(model, configs, "20%", branch_losses)
     assert plan.ranks["b"] == 0 and 1 <= plan.ranks["a"] <= 8  # no gradient, no rank; up to 2x the config's r
-    assert plan.trainable <= plan.limit
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # the model is not touched
     assert not hasattr(model, "visionpeft") and model.a.weight.grad is None
 
@@ -64,6 +63,25 @@ def test_uniform_plan_is_the_largest_rank_that_fits():
     for plan in (small, large):  # one rank more would not fit
         model = vp.inject(TwoBranches(), plan.configs)
         assert len(adapter_to_bytes(model, dtype=torch.float16)) <= plan.file_limit
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_rounded_factors_buy_more_rank_in_the_same_file(bits):
+    """The budget is the file as stored: with the factors in 8- or 4-bit blocks, the same bytes hold a higher rank,
+    the rounded file fits, and one rank more would not."""
+    configs = [{"method": "dora", "r": 16, "target_modules": ["a", "b"]}]
+    fp16 = vp.plan_ranks(TwoBranches(), configs, "5KB", mode="uniform")
+    rounded = vp.plan_ranks(TwoBranches(), configs, "5KB", mode="uniform", bits=bits)
+    assert rounded.bits == bits and rounded.record()["file_bits"] == bits
+    assert rounded.ranks["a"] > fp16.ranks["a"] and rounded.ranks["a"] < 32  # below the cap: the budget binds
+    assert f"factors in {bits}-bit blocks" in rounded.summary()
+
+    def file_bytes(r: int) -> int:
+        model = vp.inject(TwoBranches(), [{**configs[0], "r": r}])
+        return len(adapter_to_bytes(model, dtype=torch.float16, bits=bits))
+
+    assert file_bytes(rounded.ranks["a"]) <= rounded.file_limit  # with room for the trainer's own metadata:
+    assert file_bytes(rounded.ranks["a"] + 1) + METADATA_MARGIN > rounded.file_limit
 
 
 @pytest.mark.parametrize("budget", ["5", "five%", "0%", "100%", "-3KB", "12 parsecs", 0.05])
@@ -91,7 +109,8 @@ def test_budget_below_the_fixed_cost_and_without_lora_fail_clearly():
 
 def test_training_with_a_budget_plans_prints_and_saves_the_ranks(tmp_path):
     """crops.yaml with ``peft.budget: 5%`` on 2 % of crop_weed: gradient-planned DoRA ranks, different per layer,
-    the fp16 adapter file within 5 % of the task model's fp16 weights, the plan in the file's metadata."""
+    the adapter file (factors in 4 bits, as crops.yaml stores them) within 5 % of the task model's fp16 weights and
+    close to it, the plan in the file's metadata."""
     fast = {"imgsz": 64, "batch": 4, "nbs": 4, "warmup_epochs": 0, "workers": 0, "plots": False, "epochs": 1,
             "fraction": 0.02, "exist_ok": True}
     with Messages(logging.INFO) as log:
@@ -102,8 +121,8 @@ def test_training_with_a_budget_plans_prints_and_saves_the_ranks(tmp_path):
     tensors, meta = read_adapter(path)
     record, config = meta["budget"], meta["configs"][0]
     assert record["budget"] == "5%" and record["rank_plan"] == "gradient"
-    assert record["trainable"] <= record["limit"]
-    assert path.stat().st_size <= record["file_limit_bytes"]
+    assert record["file_bits"] == 4  # crops.yaml's peft.file_bits: the plan counts the factors as 4-bit blocks
+    assert 0.9 * record["file_limit_bytes"] <= path.stat().st_size <= record["file_limit_bytes"]  # budget spent
 
     model = vp.load_adapter(vp.load_base("yolo11n.pt"), path)  # the file alone rebuilds the planned ranks
     task_params = vp.trainable_report(vp.merge(model)).total

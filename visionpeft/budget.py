@@ -4,9 +4,10 @@
 weights get gradients for this probe only). The loss can fall by about ``sigma_k`` per unit step along the k-th
 singular direction of that gradient, and a rank-k update reaches the first k directions, so rank unit ``k`` of a
 layer is worth ``sigma_k`` (summed over channel groups) and costs the adapter parameters one rank adds. Units go,
-best value per parameter first, until the budget is spent; a layer that gets no unit is not adapted. ``uniform``
-gives every target the same rank, the largest that fits. Nothing here knows about Ultralytics: the caller supplies
-the losses.
+best value per byte of the adapter file first, until the budget is spent; a layer that gets no unit is not adapted.
+``uniform`` gives every target the same rank, the largest that fits. The budget is the file's: with ``bits`` (the
+factors in 4- or 8-bit blocks, ``peft.file_bits``) a rank unit costs a quarter or half of its float16 bytes, so the
+same budget buys more rank. Nothing here knows about Ultralytics: the caller supplies the losses.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from . import blockquant
 from .families import family_of
 from .inject import inject, is_target, trainable_report
 from .io import adapter_to_bytes
@@ -30,12 +32,20 @@ from .modules import adapted_modules
 RANK_PLANS = ("gradient", "uniform")
 PLANNED_METHODS = ("lora", "dora")
 _UNITS = {"b": 1, "kb": 1024, "kib": 1024, "mb": 1024**2, "mib": 1024**2}  # KB as in the benchmark's table
-_METADATA_MARGIN = 512  # bytes the trainer's own metadata (epoch, fitness) may add to the file
+METADATA_MARGIN = 512  # bytes the trainer's own metadata (epoch, fitness) may add to the file
+FP16_BYTES = 2
+
+
+def value_bytes(bits: int) -> float:
+    """File bytes per low-rank factor value: float16 (``bits`` 16), or integers in blocks with a float16 scale each."""
+    if bits == 16:
+        return FP16_BYTES
+    return (blockquant.BLOCK * blockquant.check_bits(bits) / 8 + FP16_BYTES) / blockquant.BLOCK
 
 
 @dataclass(frozen=True)
 class Budget:
-    """``fraction`` of the task model's parameters, or ``bytes`` of the fp16 adapter file."""
+    """``fraction`` of the task model's fp16 weights, or ``bytes`` of the adapter file."""
 
     text: str
     fraction: float | None = None
@@ -44,7 +54,7 @@ class Budget:
 
 def parse_budget(value: object) -> Budget:
     """``"5%"`` (of the merged task model's parameters, as fp16 bytes: the adapter file is at most 5 % of the task
-    model's fp16 weights) or ``"250KB"``/``"0.5MB"`` (the fp16 adapter file; KB = 1024 bytes)."""
+    model's fp16 weights) or ``"250KB"``/``"0.5MB"`` (the adapter file; KB = 1024 bytes)."""
     text = str(value).strip().replace(" ", "")
     hint = ("must be a share of the model's parameters such as '5%', or an adapter file size such as '250KB' or "
             f"'0.5MB', not {value!r}")
@@ -71,6 +81,8 @@ class _Layer:
     unit_cost: int  # parameters per rank (lora_A + lora_B)
     first_cost: int  # extra parameters of a layer adapted at all (DoRA's magnitude)
     cap: int  # the highest rank the plan may give it
+    unit_bytes: float  # file bytes per rank (the factors, float16 or rounded)
+    first_bytes: float  # file bytes of the magnitude (always float16)
     gains: list[float] = field(default_factory=list)
 
 
@@ -82,14 +94,14 @@ class RankPlan:
     mode: str
     ranks: dict[str, int]
     trainable: int  # parameters the planned adapter trains
-    limit: int  # the budget, in parameters
-    file_limit: int  # the budget, in bytes of the fp16 adapter file
+    file_limit: int  # the budget, in bytes of the adapter file
+    bits: int  # how the file stores the low-rank factors: 16 (float16), 8 or 4 (blocks)
     configs: list[dict]
 
     def record(self) -> dict:
         """What adapter files keep of the plan (the ranks themselves are in the configs' ``rank_pattern``)."""
-        return {"budget": self.budget, "rank_plan": self.mode, "trainable": self.trainable, "limit": self.limit,
-                "file_limit_bytes": self.file_limit}
+        return {"budget": self.budget, "rank_plan": self.mode, "trainable": self.trainable,
+                "file_limit_bytes": self.file_limit, "file_bits": self.bits}
 
     def summary(self) -> str:
         """One line per top-level block: ``model.2: cv1 8, cv2 4, m.0.cv1 -``."""
@@ -100,8 +112,9 @@ class RankPlan:
             rest = name[len(head) + 1:].removesuffix(".conv") or name
             blocks.setdefault(head, []).append(f"{rest} {r or '-'}")
         kb = self.file_limit / 1024
-        lines = [f"rank plan '{self.mode}' for budget {self.budget} (adapter file <= {kb:,.0f} KB): "
-                 f"{self.trainable:,} trainable parameters of {self.limit:,} allowed, "
+        stored = "float16" if self.bits == 16 else f"{self.bits}-bit blocks"
+        lines = [f"rank plan '{self.mode}' for budget {self.budget} (adapter file <= {kb:,.0f} KB, factors in "
+                 f"{stored}): {self.trainable:,} trainable parameters, "
                  f"{sum(r > 0 for r in self.ranks.values())}/{len(self.ranks)} layers adapted (-: none)"]
         return "\n".join([*lines, *(f"  {b}: {', '.join(v)}" for b, v in blocks.items())])
 
@@ -154,17 +167,20 @@ def plan_ranks(
     mode: str = "gradient",
     names: dict[int, str] | list[str] | None = None,
     max_rank_mult: int = 2,
+    bits: int = 16,
 ) -> RankPlan:
     """Ranks for the LoRA/DoRA targets of ``configs`` on ``model`` (not changed) that fit ``budget``.
 
     ``losses(probe)`` yields scalar training losses of a copy of the model (``gradient`` mode); ``names`` are the
     task's classes, as for :func:`~visionpeft.inject.inject`. A layer may get up to ``max_rank_mult`` times its
-    config's rank. The returned configs are ``configs`` with ``rank_pattern`` and ``exclude_modules`` entries
-    (exact module names) that inject the plan.
+    config's rank. ``bits`` is how the file will store the low-rank factors (16: float16; 8 or 4:
+    ``save_adapter(..., bits=)``). The returned configs are ``configs`` with ``rank_pattern`` and
+    ``exclude_modules`` entries (exact module names) that inject the plan.
     """
     spent = parse_budget(budget)
     if mode not in RANK_PLANS:
         raise ValueError(f"peft.rank_plan must be one of {list(RANK_PLANS)}, not {mode!r}.")
+    per_value = value_bytes(bits)
     parsed = [config_from_dict(c) for c in configs]
     check_plannable(configs)
     probe = inject(copy.deepcopy(model), configs, adapter_name="rank_plan", names=names)
@@ -180,20 +196,22 @@ def plan_ranks(
             continue
         index = next(i for i, c in enumerate(defaulted) if is_target(name, wrapper.base_layer, c))
         unit = (_numel(adapter.lora_A) + _numel(adapter.lora_B)) // adapter.r
-        rank = defaulted[index].r
-        layers[name] = _Layer(index, rank, unit, size - unit * adapter.r,
-                              group_rank(wrapper.base_layer, max_rank_mult * rank))
+        rank, first = defaulted[index].r, size - unit * adapter.r
+        layers[name] = _Layer(index, rank, unit, first, group_rank(wrapper.base_layer, max_rank_mult * rank),
+                              unit * per_value, first * FP16_BYTES)
         planned_now += size
     task_params = trainable_report(probe).total - planned_now  # the merged task model's parameters
     # A share is of the task model's fp16 weights (what its checkpoint holds), so the file meets it on both counts
-    size = spent.bytes if spent.bytes is not None else int(spent.fraction * 2 * task_params)
-    header = len(adapter_to_bytes(probe, dtype=torch.float16)) - 2 * (fixed + planned_now)  # names, metadata
-    limit = (size - header - _METADATA_MARGIN) // 2  # 2 bytes per fp16 parameter
-    cheapest = min((lay.first_cost + lay.unit_cost for lay in layers.values()), default=0)
-    if fixed + cheapest > limit:
-        raise ValueError(f"peft.budget {budget} leaves room for {max(limit, 0):,} parameters after the file's header, "
-                         f"less than the {fixed:,} trained in full (class outputs, BatchNorm copies) plus one rank "
-                         f"({cheapest:,}); raise the budget.")
+    size = spent.bytes if spent.bytes is not None else int(spent.fraction * FP16_BYTES * task_params)
+    fixed_bytes = fixed * FP16_BYTES
+    payload = fixed_bytes + sum(lay.first_bytes + lay.unit_bytes * lay.base_rank for lay in layers.values())
+    header = _file_bytes(probe, bits) - payload  # names, metadata, block padding
+    room = size - header - METADATA_MARGIN - fixed_bytes
+    cheapest = min((lay.first_bytes + lay.unit_bytes for lay in layers.values()), default=0)
+    if cheapest > room:
+        raise ValueError(f"peft.budget {budget} leaves {max(room + fixed_bytes, 0):,.0f} bytes after the file's "
+                         f"header, less than the {fixed_bytes:,} of the parameters trained in full (class outputs, "
+                         f"BatchNorm copies) plus one rank ({cheapest:,.0f}); raise the budget.")
 
     if mode == "gradient":
         if losses is None:
@@ -205,47 +223,46 @@ def plan_ranks(
         top = max((g for lay in layers.values() for g in lay.gains), default=0.0)
         for lay in layers.values():  # units worth nothing (a gradient of lower rank, or none) are not bought
             lay.gains = [g for g in lay.gains if g > 1e-6 * top]
-    room = limit - fixed
     for _ in range(4):  # the plan's own metadata (rank_pattern) lengthens the header: shrink until the file fits
-        ranks = _greedy(layers, room) if mode == "gradient" else _uniform(layers, room, budget, fixed)
+        ranks = _greedy(layers, room) if mode == "gradient" else _uniform(layers, room, budget, fixed_bytes)
         trainable = fixed + sum(lay.first_cost + lay.unit_cost * ranks[n] for n, lay in layers.items() if ranks[n])
-        plan = RankPlan(spent.text, mode, ranks, trainable, fixed + room, size,
+        plan = RankPlan(spent.text, mode, ranks, trainable, size, bits,
                         _planned_configs(configs, defaulted, layers, ranks))
         over = _file_size(model, plan, names) - size
         if over <= 0:
             return plan
-        room -= over // 2 + 1
+        room -= over + 1
     raise ValueError(f"peft.budget {budget}: no plan found whose adapter file fits {size:,} bytes; raise the budget.")
 
 
-def _greedy(layers: dict[str, _Layer], room: int) -> dict[str, int]:
-    """Rank units by value per parameter, each layer's in order, while they fit in ``room`` parameters."""
+def _greedy(layers: dict[str, _Layer], room: float) -> dict[str, int]:
+    """Rank units by value per file byte, each layer's in order, while they fit in ``room`` bytes."""
     ranks = dict.fromkeys(layers, 0)
-    heap = [(-lay.gains[0] / (lay.first_cost + lay.unit_cost), name) for name, lay in layers.items() if lay.gains]
+    heap = [(-lay.gains[0] / (lay.first_bytes + lay.unit_bytes), name) for name, lay in layers.items() if lay.gains]
     heapq.heapify(heap)
     while heap:
         _, name = heapq.heappop(heap)
         lay, k = layers[name], ranks[name]
-        cost = lay.unit_cost + (lay.first_cost if k == 0 else 0)
+        cost = lay.unit_bytes + (lay.first_bytes if k == 0 else 0)
         if cost > room:
-            continue  # the layer's later units are worth less per parameter: it stays at rank k
+            continue  # the layer's later units are worth less per byte: it stays at rank k
         room -= cost
         ranks[name] = k + 1
         if k + 1 < len(lay.gains):
-            heapq.heappush(heap, (-lay.gains[k + 1] / lay.unit_cost, name))
+            heapq.heappush(heap, (-lay.gains[k + 1] / lay.unit_bytes, name))
     return ranks
 
 
-def _uniform(layers: dict[str, _Layer], room: int, budget: str, fixed: int) -> dict[str, int]:
+def _uniform(layers: dict[str, _Layer], room: float, budget: str, fixed_bytes: int) -> dict[str, int]:
     """The same rank everywhere (capped per layer), the largest that fits."""
-    def cost(r: int) -> int:
-        return sum(lay.first_cost + lay.unit_cost * min(r, lay.cap) for lay in layers.values())
+    def cost(r: int) -> float:
+        return sum(lay.first_bytes + lay.unit_bytes * min(r, lay.cap) for lay in layers.values())
 
     top = max(lay.cap for lay in layers.values())
     fitting = [r for r in range(1, top + 1) if cost(r) <= room]
     if not fitting:
-        raise ValueError(f"peft.budget {budget}: rank 1 on every target takes {fixed + cost(1):,} parameters, over "
-                         "the budget; raise it, or use rank_plan: gradient (it leaves layers out).")
+        raise ValueError(f"peft.budget {budget}: rank 1 on every target takes {fixed_bytes + cost(1):,.0f} bytes of "
+                         "the file, over the budget; raise it, or use rank_plan: gradient (it leaves layers out).")
     return {name: min(fitting[-1], lay.cap) for name, lay in layers.items()}
 
 
@@ -271,7 +288,12 @@ def _planned_configs(configs: list[dict], defaulted: list, layers: dict[str, _La
     return out
 
 
+def _file_bytes(model: nn.Module, bits: int, extra: dict | None = None) -> int:
+    """Bytes of the adapter file ``model``'s active adapter would be saved to: float16, factors rounded if asked."""
+    return len(adapter_to_bytes(model, extra=extra, dtype=torch.float16, bits=None if bits == 16 else bits))
+
+
 def _file_size(model: nn.Module, plan: RankPlan, names) -> int:
-    """Bytes of the planned adapter's fp16 file (written in memory), with room for the trainer's metadata."""
+    """Bytes of the planned adapter's file (written in memory), with room for the trainer's metadata."""
     probe = inject(copy.deepcopy(model), plan.configs, adapter_name="rank_plan", names=names)
-    return len(adapter_to_bytes(probe, extra={"budget": plan.record()}, dtype=torch.float16)) + _METADATA_MARGIN
+    return _file_bytes(probe, plan.bits, {"budget": plan.record()}) + METADATA_MARGIN

@@ -83,7 +83,8 @@ class PeftSpec:
     layers below it are shared by both heads (one trunk run; pair it with ``distill_base``); ``"classes"``: the
     adapted box branch is shared too, only the head's class branch is doubled.
     ``budget``: plan the LoRA/DoRA ranks per layer to fit ``"5%"`` of the task model's parameters or an adapter
-    file of ``"250KB"`` (:mod:`visionpeft.budget`); the methods' ranks become the planner's middle, a layer may get
+    file of ``"250KB"`` (:mod:`visionpeft.budget`), counting the file as ``file_bits`` stores it (in 4 bits a rank
+    costs 0.28x its float16 bytes); the methods' ranks become the planner's middle, a layer may get
     up to twice as much or none. ``rank_plan``: ``gradient`` (rank where the first batches' weight gradients need
     it) or ``uniform`` (the largest rank that fits everywhere).
     ``ema_tau``: the EMA's time constant in optimizer steps; ``auto`` scales it to the run (:mod:`.ema`), ``None``

@@ -234,7 +234,8 @@ class PeftDetectionTrainer(BaselineDetectionTrainer):
         spec = self.peft
         losses = probe_losses(self) if spec.rank_plan == "gradient" else None
         with torch.random.fork_rng():  # the probe leaves the run's random streams as they were
-            plan = plan_ranks(base, spec.configs(), spec.budget, losses, spec.rank_plan, self.data["names"])
+            plan = plan_ranks(base, spec.configs(), spec.budget, losses, spec.rank_plan, self.data["names"],
+                              bits=spec.file_bits)
         LOGGER.info(f"visionpeft: {plan.summary()}")
         return plan
 
