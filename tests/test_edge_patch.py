@@ -24,12 +24,14 @@ from conftest import randomize_adapters
 from onnx import numpy_helper
 
 import visionpeft as vp
+from visionpeft import blockquant
 from visionpeft.edge import PatchError, apply_patch, read_recipe
+from visionpeft.edge.apply import BLOCK, _factor, unblock
 from visionpeft.edge.apply import main as edge_main
 from visionpeft.export import export
 from visionpeft.export.cli import main as export_cli
 from visionpeft.export.images import letterbox, sample_images
-from visionpeft.export.patch import export_patch
+from visionpeft.export.patch import as_blocks, export_patch
 from visionpeft.export.verify import onnx_outputs
 from visionpeft.io import read_adapter
 from visionpeft.models import resolve_weights
@@ -274,20 +276,63 @@ def test_int8_is_refused_with_the_reason(made):
 
 def test_crops_recipe_patch_is_small_and_applies_within_a_second(tmp_path, capsys):
     """configs/crops.yaml's adapter (DoRA r8 on every conv, 2 new classes, 4-bit factors) at its 320 px: the bar of
-    issue 16. Restored 4-bit factors are float16 numbers, so the patch stores them as float16, as for a float16
-    file, and still rebuilds the direct export to float32 rounding."""
+    issue 16. The patch carries the file's 4-bit blocks as they are (format v2), so it is smaller than the patch of
+    the same adapter saved in float16, and still rebuilds the direct export to float32 rounding."""
     adapter = make_adapter(tmp_path, vp.DoraConfig(r=8, alpha=16), NAMES, bits=4)
     assert read_adapter(adapter)[1]["rounded"]["bits"] == 4
     result = export_patch(adapter=adapter, imgsz=320, out=tmp_path)
     assert result.size <= 0.10 * result.merged_size and result.max_rel <= 1e-5
     patch = onnx.load(str(result.file))
+    recipe = read_recipe(patch)
+    assert recipe["format"] == "visionpeft.patch.v2"
     factors = [t for t in patch.graph.initializer if t.name.endswith(("/A", "/B"))]
-    assert factors and all(t.data_type == onnx.TensorProto.FLOAT16 for t in factors)
+    assert factors and all(t.data_type == onnx.TensorProto.UINT8 for t in factors)  # two 4-bit values a byte
+    dora = [e for e in recipe["initializers"] if e["kind"] == "dora"]
+    assert dora and all(e["blocks"]["A"]["bits"] == e["blocks"]["B"]["bits"] == 4 for e in dora)
     times = []
     for _ in range(3):
         start = time.perf_counter()
         apply_patch(result.base_file, result.file, tmp_path / "crops.onnx")
         times.append(time.perf_counter() - start)
     assert min(times) <= 1.0
+
+    fp16 = make_adapter(tmp_path / "fp16", vp.DoraConfig(r=8, alpha=16), NAMES)  # the same adapter, float16
+    plain = export_patch(adapter=fp16, imgsz=320, out=tmp_path / "fp16")
+    assert read_recipe(onnx.load(str(plain.file)))["format"] == "visionpeft.patch.v1"  # old appliers read it
+    assert result.size <= 0.6 * plain.size
     with capsys.disabled():
-        print(f"\ncrops recipe, 320 px: {result}; apply {min(times):.2f} s (best of 3)")
+        print(f"\ncrops recipe, 320 px: {result}; apply {min(times):.2f} s (best of 3); float16 file's patch "
+              f"{plain.size / 1e6:.3f} MB")
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_device_restores_rounded_factors_exactly_and_refuses_corrupt_ones(bits):
+    """The applier's numpy ``unblock`` (no torch on a device) gives the adapter file's floats bit for bit, for any
+    size (a partial last block); damaged data or scales are a one-line PatchError, not a wrong model."""
+    assert BLOCK == blockquant.BLOCK
+    torch.manual_seed(0)
+    for shape in [(3, 8, 27), (1, 64, 8), (5,)]:
+        t = torch.randn(shape) * 0.02
+        data, scales = blockquant.quantize(t, bits)
+        want = blockquant.dequantize(data, scales, bits, shape)
+        got = unblock(data.numpy(), scales.numpy(), bits, list(shape))
+        assert np.array_equal(got, want.numpy())
+        again = as_blocks(got)  # the patch writer finds a 4-bit file's blocks again; 8-bit ones travel as float16
+        if bits == 4:
+            assert again is not None and np.array_equal(unblock(*again, list(shape)), got)
+        else:  # finer values than 4-bit blocks hold: never claimed as such
+            assert again is None
+    assert as_blocks(np.random.default_rng(0).normal(size=(4, 40)).astype(np.float32)) is None  # unrounded: kept
+
+    entry = {"name": "model.0.conv.weight", "A": "f/A", "blocks": {"A": {"bits": bits, "shape": [3, 8, 27],
+                                                                          "scales": "f/A/scales"}}}
+    stored = {"f/A": data.numpy(), "f/A/scales": scales.numpy()}
+    bad = [{**stored, "f/A/scales": stored["f/A/scales"][:-1]},
+           {**stored, "f/A/scales": np.full_like(stored["f/A/scales"], np.inf)},
+           {**stored, "f/A": stored["f/A"].astype(np.float32)}]
+    for broken in bad:
+        with pytest.raises(PatchError, match="corrupt") as e:
+            _factor(broken, entry, "A")
+        assert "\n" not in str(e.value)
+    with pytest.raises(PatchError, match="misses tensor 'f/A/scales'"):
+        _factor({"f/A": stored["f/A"]}, entry, "A")

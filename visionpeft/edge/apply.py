@@ -15,7 +15,10 @@ channel), so the factors are folded the same way:
   ``g = s' * m * sign(s)``: DoRA's ``m * (W + dW) / ||W + dW||`` folded, with ``W = W_f / s`` cancelled out.
 
 ``A`` is stored as ``(groups, r, fan_in)`` and ``B`` as ``(groups, out / groups, r)``, so grouped and depthwise
-convs compose like dense ones. The patch records a hash of every base tensor it reads: another base is refused.
+convs compose like dense ones. Factors of an adapter file that stored them in 4- or 8-bit blocks
+(``peft.file_bits``) travel the same way (format v2): signed integers in blocks of 32 values, one float16 scale each
+(llama.cpp's Q4_0 / Q8_0 layout, 4-bit values two to a byte, low nibble first, offset by 8), restored here to the
+very floats the adapter file holds. The patch records a hash of every base tensor it reads: another base is refused.
 
 Runs as ``python -m visionpeft.edge apply base.onnx crops.vpatch -o crops.onnx``, or as a copy of this one file
 (``python visionpeft_edge.py apply ...``): it imports nothing else of visionpeft.
@@ -37,7 +40,9 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-FORMAT = "visionpeft.patch.v1"
+FORMAT = "visionpeft.patch.v2"  # v2: factors may be stored in integer blocks ("blocks" in their recipe entry)
+READS = ("visionpeft.patch.v1", FORMAT)
+BLOCK = 32  # values per block of a rounded factor, one float16 scale each
 RECIPE_KEY = "visionpeft.patch"  # metadata_props key of the recipe; absent from the patched model
 FACTOR_PREFIX = "vpatch/"  # names of the patch's own tensors (factors, per-channel vectors)
 KINDS = ("base", "patch", "lora", "dora")
@@ -76,10 +81,10 @@ def read_recipe(patch: onnx.ModelProto, source: str = "patch") -> dict:
         recipe = json.loads(props[RECIPE_KEY])
     except json.JSONDecodeError:
         recipe = None
-    if not isinstance(recipe, dict) or recipe.get("format") != FORMAT:
+    if not isinstance(recipe, dict) or recipe.get("format") not in READS:
         found = recipe.get("format") if isinstance(recipe, dict) else "unreadable"
-        raise PatchError(f"'{source}' has patch format '{found}', this applier reads '{FORMAT}': use the "
-                         "visionpeft version that wrote the patch.")
+        raise PatchError(f"'{source}' has patch format '{found}', this applier reads {' and '.join(READS)}: use "
+                         "the visionpeft version that wrote the patch.")
     entries, base = recipe.get("initializers"), recipe.get("base")
     if not isinstance(entries, list) or not isinstance(base, dict) or not isinstance(base.get("sha256"), str):
         raise PatchError(f"'{source}' has a corrupt recipe (no initializer list or base hash): write it again.")
@@ -127,13 +132,36 @@ def check_base(recipe: dict, tensors: dict[str, np.ndarray], source: str = "base
         raise PatchError(f"'{source}' is not the base this patch was made for (its weights differ); {fix}.")
 
 
+def unblock(data: np.ndarray, scales: np.ndarray, bits: int, shape: Sequence[int]) -> np.ndarray:
+    """The float32 tensor stored as integer blocks; the same arithmetic as ``visionpeft.blockquant.dequantize``
+    (float32 products of integers and float16 scales), so the result equals the adapter file's factors exactly.
+    ``ValueError`` if the parts do not fit together."""
+    numel = int(np.prod(shape))
+    blocks = -(-numel // BLOCK)
+    width, dtype = {8: (BLOCK, np.int8), 4: (BLOCK // 2, np.uint8)}.get(bits, (None, None))
+    if width is None or data.dtype != dtype or data.shape != (blocks, width):
+        raise ValueError(f"{bits}-bit data of dtype {data.dtype} and shape {data.shape} for {numel} values")
+    if scales.dtype != np.float16 or scales.shape != (blocks,) or not np.isfinite(scales).all():
+        raise ValueError(f"scales of dtype {scales.dtype} and shape {scales.shape} for {blocks} blocks")
+    q = np.stack([data & 15, data >> 4], 2).reshape(blocks, BLOCK).astype(np.int8) - 8 if bits == 4 else data
+    return (q.astype(np.float32) * scales.astype(np.float32)[:, None]).reshape(-1)[:numel].reshape(tuple(shape))
+
+
 def _factor(stored: dict[str, np.ndarray], entry: dict, key: str, shape: tuple | None = None) -> np.ndarray | None:
     name = entry.get(key)
     if name is None:
         return None
-    if not isinstance(name, str) or name not in stored:
-        raise PatchError(f"The patch misses tensor '{name}' for '{entry['name']}': it is corrupt; write it again.")
-    a = stored[name].astype(np.float32, copy=False)  # read only: no copy of a float32 factor
+    block = (entry.get("blocks") or {}).get(key)
+    names = [name] if block is None else [name, block.get("scales") if isinstance(block, dict) else None]
+    if not all(isinstance(n, str) and n in stored for n in names):
+        raise PatchError(f"The patch misses tensor '{names[-1]}' for '{entry['name']}': it is corrupt; write it again.")
+    if block is None:
+        a = stored[name].astype(np.float32, copy=False)  # read only: no copy of a float32 factor
+    else:
+        try:
+            a = unblock(stored[name], stored[block["scales"]], block.get("bits"), block.get("shape"))
+        except (TypeError, ValueError) as e:
+            raise PatchError(f"The patch's rounded '{name}' is corrupt ({e}): write the patch again.") from None
     if shape is not None and a.shape != shape:
         raise PatchError(f"The patch's '{name}' has shape {a.shape}, '{entry['name']}' needs {shape}: the patch is "
                          "corrupt or for another base.")
@@ -263,7 +291,7 @@ def describe(patch: str | Path) -> str:
     props = {p.key: p.value for p in proto.metadata_props}
     kinds = {k: sum(e["kind"] == k for e in recipe["initializers"]) for k in KINDS}
     return "\n".join([
-        f"{patch}: {Path(patch).stat().st_size / 1e6:.2f} MB, {FORMAT}",
+        f"{patch}: {Path(patch).stat().st_size / 1e6:.2f} MB, {recipe['format']}",
         f"makes: names {props.get('names', '?')}, imgsz {props.get('imgsz', '?')}",
         f"needs: {_made_for(recipe)}, base sha256 {recipe['base']['sha256'][:16]}",
         "tensors: " + ", ".join(f"{v} {k}" for k, v in kinds.items() if v),

@@ -21,10 +21,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from .. import blockquant
 from ..edge.apply import (
     FACTOR_PREFIX,
     FORMAT,
     KINDS,
+    READS,
     RECIPE_KEY,
     PatchError,
     apply_patch,
@@ -98,6 +100,21 @@ def compact(a: np.ndarray) -> np.ndarray:
     return a
 
 
+def as_blocks(a: np.ndarray) -> tuple[np.ndarray, np.ndarray, int] | None:
+    """``(data, scales, 4)`` if ``a`` is exactly a tensor that an adapter file stores in 4-bit blocks
+    (``peft.file_bits: 4``), else ``None``. Rounding such a tensor again gives back its blocks bit for bit (each
+    block's largest value is 7 of its steps, and the scale keeps 8 significant bits), so the device restores the
+    file's very floats. 8-bit files round their scales to 4 bits, which a second rounding may not reproduce: their
+    factors travel as float16, exact as well."""
+    t = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+    try:
+        data, scales = blockquant.quantize(t, 4)
+    except ValueError:  # values beyond float16 scales
+        return None
+    exact = torch.equal(blockquant.dequantize(data, scales, 4, t.shape), t)
+    return (data.numpy(), scales.numpy(), 4) if exact else None
+
+
 def conv_factors(adapted: nn.Module, plain: nn.Module, merged: nn.Module) -> dict[str, dict]:
     """``{ONNX weight name: {"kind", "A", "B", "c", "ratio" | "g"}}`` for every conv with an active LoRA/DoRA."""
     out = {}
@@ -152,9 +169,17 @@ def build_patch(base_onnx, merged_onnx, factors: dict[str, dict], base_info: dic
                                  "it was not exported from this adapter's base; pass the matching base.")
             entry = {"name": t.name, "kind": f["kind"], "base": key}
             for key in ("A", "B", "c", "ratio", "g"):
-                if key in f:
-                    entry[key] = f"{FACTOR_PREFIX}{t.name}/{key}"
-                    stored.append(numpy_helper.from_array(compact(f[key]) if key in "AB" else f[key], entry[key]))
+                if key not in f:
+                    continue
+                entry[key] = name = f"{FACTOR_PREFIX}{t.name}/{key}"
+                blocks = as_blocks(f[key]) if key in "AB" else None
+                if blocks is not None:  # the factors of a 4- or 8-bit adapter file, as compact as the file
+                    data, scales, bits = blocks
+                    entry.setdefault("blocks", {})[key] = {"bits": bits, "shape": list(f[key].shape),
+                                                           "scales": f"{name}/scales"}
+                    stored += [numpy_helper.from_array(data, name), numpy_helper.from_array(scales, f"{name}/scales")]
+                else:
+                    stored.append(numpy_helper.from_array(compact(f[key]) if key in "AB" else f[key], name))
         elif t.name in base and base[t.name].dtype == value.dtype and np.array_equal(base[t.name], value):
             entry = {"name": t.name, "kind": "base", "base": t.name}
         elif tensor_digest({"": value}, [""]) in by_content:
@@ -172,7 +197,8 @@ def build_patch(base_onnx, merged_onnx, factors: dict[str, dict], base_info: dic
     patch.graph.initializer.extend(stored)
     names = sorted({e["base"] for e in entries if e["kind"] != "patch"})
     floats = [str(base[n].dtype) for n in names if base[n].dtype.kind == "f"]
-    recipe = {"format": FORMAT, "initializers": entries,
+    rounded = any("blocks" in e for e in entries)  # a plain patch stays readable by v1 appliers
+    recipe = {"format": FORMAT if rounded else READS[0], "initializers": entries,
               "base": {**base_info, "sha256": tensor_digest(base, names), "tensors": len(names),
                        "dtype": floats[0] if floats else None}}
     entry = patch.metadata_props.add()
