@@ -31,12 +31,14 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def made(tmp_path_factory) -> dict:
-    """Two patches for one base (LoRA with 2 new classes, DoRA on layers 16-23 keeping the 80), merged models."""
+    """Two patches for one base (LoRA with 2 new classes; DoRA on layers 16-23 keeping the 80, from a 4-bit file, so
+    its factors travel as 4-bit blocks), merged models."""
     out = {}
-    cases = (("weeds", vp.LoraConfig(r=4), NAMES), ("coco", vp.DoraConfig(r=8, layers="16-23"), None))
-    for name, configs, names in cases:
+    cases = (("weeds", vp.LoraConfig(r=4), NAMES, None), ("coco", vp.DoraConfig(r=8, layers="16-23"), None, 4))
+    for name, configs, names, bits in cases:
         folder = tmp_path_factory.mktemp(name)
-        result = export_patch(adapter=make_adapter(folder, configs, names, name=name), imgsz=IMGSZ, out=folder)
+        adapter = make_adapter(folder, configs, names, name=name, bits=bits)
+        result = export_patch(adapter=adapter, imgsz=IMGSZ, out=folder)
         merged = folder / f"{name}.onnx"
         apply_patch(result.base_file, result.file, merged)
         out[name] = {"patch": result.file, "base": result.base_file, "merged": merged}

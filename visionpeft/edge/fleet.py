@@ -169,8 +169,11 @@ class Fleet:
 
     def _prepare(self, name: str, proto: onnx.ModelProto, recipe: dict, props: dict, source: str) -> _Held:
         stored = {t.name: t for t in proto.graph.initializer}
-        arrays = {n: numpy_helper.to_array(t).astype(np.float32)  # widened once, not at every switch
-                  for n, t in stored.items() if n.startswith(FACTOR_PREFIX)}
+        blocks = {n for e in recipe["initializers"] for k, b in (e.get("blocks") or {}).items() if isinstance(b, dict)
+                  for n in (e.get(k), b.get("scales"))}  # 4-bit blocks and their scales: apply.unblock reads them
+        arrays = {n: numpy_helper.to_array(t) for n, t in stored.items() if n.startswith(FACTOR_PREFIX)}
+        arrays = {n: a if n in blocks else a.astype(np.float32)  # widened once, not at every switch
+                  for n, a in arrays.items()}
         graph = bare_graph(proto)
         external: dict[str, dict] = {}
         for e in recipe["initializers"]:
