@@ -6,7 +6,7 @@ singular direction of that gradient, and a rank-k update reaches the first k dir
 layer is worth ``sigma_k`` (summed over channel groups) and costs the adapter parameters one rank adds. Units go,
 best value per byte of the adapter file first, until the budget is spent; a layer that gets no unit is not adapted.
 ``uniform`` gives every target the same rank, the largest that fits. The budget is the file's: with ``bits`` (the
-factors in 4- or 8-bit blocks, ``peft.file_bits``) a rank unit costs a quarter or half of its float16 bytes, so the
+factors in 4- or 8-bit blocks, ``peft.file_bits``) a rank unit costs 0.28x or 0.53x its float16 bytes, so the
 same budget buys more rank. Nothing here knows about Ultralytics: the caller supplies the losses.
 """
 

@@ -15,10 +15,11 @@ channel), so the factors are folded the same way:
   ``g = s' * m * sign(s)``: DoRA's ``m * (W + dW) / ||W + dW||`` folded, with ``W = W_f / s`` cancelled out.
 
 ``A`` is stored as ``(groups, r, fan_in)`` and ``B`` as ``(groups, out / groups, r)``, so grouped and depthwise
-convs compose like dense ones. Factors of an adapter file that stored them in 4- or 8-bit blocks
-(``peft.file_bits``) travel the same way (format v2): signed integers in blocks of 32 values, one float16 scale each
-(llama.cpp's Q4_0 / Q8_0 layout, 4-bit values two to a byte, low nibble first, offset by 8), restored here to the
-very floats the adapter file holds. The patch records a hash of every base tensor it reads: another base is refused.
+convs compose like dense ones. Factors of an adapter file that stored them in 4-bit blocks (``peft.file_bits: 4``)
+travel in those blocks (format v2): signed integers in blocks of 32 values, one float16 scale each (llama.cpp's
+Q4_0 layout, two values to a byte, low nibble first, offset by 8; 8-bit blocks, Q8_0, are read too), restored here
+to the very floats the adapter file holds. The patch records a hash of every base tensor it reads: another base is
+refused.
 
 Runs as ``python -m visionpeft.edge apply base.onnx crops.vpatch -o crops.onnx``, or as a copy of this one file
 (``python visionpeft_edge.py apply ...``): it imports nothing else of visionpeft.
@@ -153,8 +154,10 @@ def _factor(stored: dict[str, np.ndarray], entry: dict, key: str, shape: tuple |
         return None
     block = (entry.get("blocks") or {}).get(key)
     names = [name] if block is None else [name, block.get("scales") if isinstance(block, dict) else None]
-    if not all(isinstance(n, str) and n in stored for n in names):
-        raise PatchError(f"The patch misses tensor '{names[-1]}' for '{entry['name']}': it is corrupt; write it again.")
+    missing = [n for n in names if not (isinstance(n, str) and n in stored)]
+    if missing:
+        raise PatchError(f"The patch misses tensor '{missing[0]}' for '{entry['name']}': it is corrupt; write it "
+                         "again.")
     if block is None:
         a = stored[name].astype(np.float32, copy=False)  # read only: no copy of a float32 factor
     else:

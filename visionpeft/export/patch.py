@@ -173,7 +173,7 @@ def build_patch(base_onnx, merged_onnx, factors: dict[str, dict], base_info: dic
                     continue
                 entry[key] = name = f"{FACTOR_PREFIX}{t.name}/{key}"
                 blocks = as_blocks(f[key]) if key in "AB" else None
-                if blocks is not None:  # the factors of a 4- or 8-bit adapter file, as compact as the file
+                if blocks is not None:  # the factors of a 4-bit adapter file, as compact as the file
                     data, scales, bits = blocks
                     entry.setdefault("blocks", {})[key] = {"bits": bits, "shape": list(f[key].shape),
                                                            "scales": f"{name}/scales"}
