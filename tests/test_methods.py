@@ -654,6 +654,32 @@ def test_norm_stats_uses_its_statistics_in_eval_and_merges_exactly():
     assert rel_err(merged(x), adapted) < 1e-6
 
 
+def test_norm_stats_renorm_trains_with_evals_forward_and_batchnorms_gradient():
+    bn = pretrained_bn()
+    base_stats = (bn.running_mean.clone(), bn.running_var.clone())
+    renorm = wrap(bn, config_from_dict({"method": "norm_stats", "normalize": "renorm"})).train()
+    x = (torch.randn(16, 8, 6, 6, dtype=torch.float64) * 3 + 2).requires_grad_()
+    renorm.double()
+    before = copy.deepcopy(renorm).eval()
+    out = renorm(x)
+    assert rel_err(out, before(x)) < 1e-10  # the forward: the running statistics before this batch, as in eval
+    adapter = renorm.adapters["a"]
+    mean, var = x.detach().mean((0, 2, 3)), x.detach().var((0, 2, 3), unbiased=True)
+    torch.testing.assert_close(adapter.running_mean, 0.97 * base_stats[0].double() + 0.03 * mean)
+    torch.testing.assert_close(adapter.running_var, 0.97 * base_stats[1].double() + 0.03 * var)
+    # the gradient: BatchNorm's through the batch statistics, scaled by r = batch std / running std
+    g = torch.randn_like(out)
+    (gx,) = torch.autograd.grad(out, x, g)
+    xb = x.detach().requires_grad_()
+    batch = F.batch_norm(xb, None, None, bn.weight.double(), bn.bias.double(), True, 0.0, bn.eps)
+    (gb,) = torch.autograd.grad(batch, xb, g)
+    r = ((x.detach().var((0, 2, 3), unbiased=False) + bn.eps) / (base_stats[1].double() + bn.eps)).sqrt()
+    assert rel_err(gx, gb * r[:, None, None]) < 1e-10
+    assert torch.equal(bn.running_mean, base_stats[0]) and torch.equal(bn.running_var, base_stats[1])
+    with pytest.raises(ValueError, match=r"NormStatsConfig.normalize must be one of \['batch', 'renorm'\]"):
+        config_from_dict({"method": "norm_stats", "normalize": "running"})
+
+
 @pytest.mark.parametrize("method", ["norm_stats", "shift"])
 def test_batchnorm_methods_reject_other_layers(method):
     with pytest.raises(TypeError, match="BatchNorm"):
