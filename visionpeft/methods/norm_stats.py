@@ -31,7 +31,8 @@ NORMALIZE = ("batch", "renorm")
 @dataclass
 class NormStatsConfig(AdapterConfig):
     method = "norm_stats"
-    # what training normalises with: the batch's statistics (AdaBN, as full fine-tuning) or the running ones
+    # what training normalises with: "batch" statistics (AdaBN, as full fine-tuning) or "renorm", the running ones
+    # with BatchNorm's gradient (Batch Renormalization)
     normalize: str = "batch"
 
     def __post_init__(self) -> None:
@@ -64,6 +65,7 @@ class NormStatsAdapter(Adapter):
     def _renorm(self, base: nn.Module, x: torch.Tensor, momentum: float) -> torch.Tensor:
         dims = [0, *range(2, x.dim())]
         shape = (1, -1) + (1,) * (x.dim() - 2)
+        x, dtype = x.to(self.running_mean.dtype), x.dtype  # float32 statistics under AMP, as F.batch_norm keeps
         var, mean = torch.var_mean(x, dims, correction=0)
         std = (var + base.eps).sqrt()
         with torch.no_grad():  # r, d: constants for the gradient (Ioffe 2017)
@@ -73,7 +75,9 @@ class NormStatsAdapter(Adapter):
             self.running_mean.lerp_(mean, momentum)
             self.running_var.lerp_(var * n / max(n - 1, 1), momentum)
         y = (x - mean.view(shape)) * (r / std).view(shape) + d.view(shape)
-        return y * base.weight.view(shape) + base.bias.view(shape)
+        if base.weight is not None:
+            y = y * base.weight.view(shape) + base.bias.view(shape)
+        return y.to(dtype)
 
     @torch.no_grad()
     def merge_into(self, base: nn.Module) -> nn.Module:
