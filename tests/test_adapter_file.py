@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,8 @@ CASES = {  # name: (base source, methods, class names)
     "yolo11-loha-dora-new-classes": ("yolo11n.pt", [vp.LohaConfig(r=2, use_dora=True)], ["crop", "weed"]),
     "yolo11-bottleneck-and-lora": ("yolo11n.yaml", [vp.BottleneckConfig(r=4), vp.LoraConfig(r=2, layers=[23])],
                                    None),
+    "yolo11-dora-norm-stats-new-classes": ("yolo11n.pt", [vp.DoraConfig(r=2), vp.NormStatsConfig(normalize="renorm")],
+                                           ["crop", "weed"]),
     "vit-lora-new-classes": (VIT, [vp.LoraConfig(r=4)], ["a", "b", "c"]),
     "vit-loha-new-classes": (VIT, [vp.LohaConfig(r=2)], ["a", "b", "c"]),
 }
@@ -203,6 +206,35 @@ def test_file_whose_tensors_do_not_fit_is_refused(base, tmp_path):
     # the failed load leaves the model as it was: no half-loaded adapter, the same class and state dict
     assert not hasattr(plain, "visionpeft") and type(plain) is type(before)
     assert plain.state_dict().keys() == before.state_dict().keys()
+
+
+def test_norm_stats_file_keeps_one_entry_per_batchnorm_and_reads_the_two_entry_layout(base, images, tmp_path):
+    """A BatchNorm's two statistics are one ``(2, C)`` tensor in the file (each entry's header costs about 50
+    float16 values); a file of the first build, with ``running_mean`` and ``running_var`` apart, loads the same."""
+    plain, model = trained(base, "yolo11-dora-norm-stats-new-classes")
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # statistics of another domain, as training leaves them
+        for _, w in adapted_modules(model):
+            if hasattr(w.adapters["task"], "stats"):
+                w.adapters["task"].stats.mul_(1 + 0.2 * torch.rand(w.adapters["task"].stats.shape, generator=g))
+    path = vp.save_adapter(model, tmp_path / "now.safetensors")
+    tensors, meta = vp.read_adapter(path)
+    bns = [m for m, w in adapted_modules(model) if hasattr(w.adapters["task"], "stats")]
+    assert len(bns) == 81 and all(tensors[f"{m}/stats"].shape[0] == 2 for m in bns)
+    assert not any(k.endswith(("running_mean", "running_var")) for k in tensors)
+    old = {k: v for k, v in tensors.items() if not k.endswith("/stats")}
+    for m in bns:
+        old[f"{m}/running_mean"], old[f"{m}/running_var"] = tensors[f"{m}/stats"].unbind(0)
+    save_file({k: v.contiguous() for k, v in old.items()}, tmp_path / "old.safetensors",
+              metadata={"visionpeft": json.dumps(meta)})
+    expected = run(vp.load_adapter(copy.deepcopy(plain), path), images)
+    actual = run(vp.load_adapter(copy.deepcopy(plain), tmp_path / "old.safetensors"), images)
+    assert rel_diffs_zero(actual, expected) and rel_diffs_zero(expected, run(model, images))
+    assert os.path.getsize(path) < os.path.getsize(tmp_path / "old.safetensors") - 81 * 50
+
+
+def rel_diffs_zero(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
 
 
 def test_save_is_atomic_and_creates_folders(base, tmp_path):

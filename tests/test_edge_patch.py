@@ -58,8 +58,8 @@ def make_adapter(folder: Path, configs, names, name: str = "crops", bits: int | 
     randomize_adapters(model)
     with torch.no_grad():  # per-adapter BatchNorm statistics off the base's, so the fold scale changes
         for n, b in model.named_buffers():
-            if ".adapters." in n and n.endswith("running_var"):
-                b.mul_(1.5)
+            if ".adapters." in n and n.endswith(".stats"):  # norm_stats: (running_mean, running_var)
+                b[1].mul_(1.5)
     model.visionpeft["base"] = str(resolve_weights("yolo11n.pt"))  # as the trainer records it
     return vp.save_adapter(model, folder / f"{name}.safetensors", dtype=torch.float16, bits=bits)
 

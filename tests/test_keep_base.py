@@ -334,14 +334,15 @@ def test_crops_keep_config_is_the_measured_benchmark_row():
     from visionpeft.bench.keep_base import load_keep_config
 
     config = load_config("crops_keep.yaml")
-    runs = load_keep_config("bench_keep_base.yaml")["runs"]
+    bench = load_keep_config("bench_keep_base.yaml")
+    runs = bench["runs"]
     shipped = runs["keep_cls_distill05_odreams_l04box0_s09"]
     assert shipped.get("from") == "keep_cls_distill05_odreams"
     row = runs["keep_cls_distill05_odreams"]["peft"]
     assert {k: getattr(config.peft, k) for k in row} == row
     assert config.peft.keep_scale == shipped["scale"] and config.peft.keep_scale_pattern == shipped["scale_pattern"]
-    crops = load_config("crops.yaml")  # the benchmark rows train crops.yaml with their peft: keys on top
-    assert config.peft.methods == crops.peft.methods and config.peft.lr_mult == crops.peft.lr_mult
+    crops = load_config("crops.yaml")  # the benchmark rows train crops.yaml with its peft: keys, then theirs, on top
+    assert config.peft.methods == bench["peft"]["methods"] and config.peft.lr_mult == crops.peft.lr_mult
     assert config.augmentations == crops.augmentations
 
 

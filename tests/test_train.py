@@ -31,6 +31,7 @@ from visionpeft.inject import adapted_modules, trainable_parameter_names
 from visionpeft.io import adapter_state_dict, read_adapter
 from visionpeft.methods.trainable import TrainableCopy
 from visionpeft.train import train
+from visionpeft.train.config import PeftSpec
 from visionpeft.train.summary import MAP50, MAP50_95
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -367,3 +368,36 @@ def test_eva_init_starts_from_the_train_images_and_leaves_the_runs_draws_as_they
     for a in starts["eva"].values():  # orthogonal rows of the default draw's norm
         a = a.flatten(1)
         assert abs(float(a.norm(dim=1).mean()) - 3 ** -0.5) < 1e-4
+
+
+def test_min_images_leaves_norm_stats_out_of_a_small_split_and_says_so(tmp_path):
+    """A method with ``min_images`` trains only on a train split of at least that many images, and the run says
+    which at the start; counting the split leaves the run's random streams where they were."""
+    split = 18  # 2 % of crop_weed's 910 train images
+    states, kinds = {}, {}
+
+    def grab(label):
+        def callback(trainer):
+            states[label] = (random.getstate(), np.random.get_state()[1].copy(), torch.get_rng_state())
+            kinds[label] = {type(w.adapters["crops"]).__name__ for _, w in adapted_modules(trainer.model)}
+        return callback
+
+    for label, least in (("plain", 0), ("in", split), ("out", split + 1)):
+        stats = {"method": "norm_stats", "normalize": "renorm", **({"min_images": least} if least else {})}
+        with Messages(logging.INFO) as log:
+            train("crops.yaml", callbacks={"on_pretrain_routine_end": grab(label)}, project=str(tmp_path),
+                  name=label, epochs=1, fraction=0.02, val=False, **FAST,
+                  **{"peft.methods": [{"method": "dora", "r": 2, "alpha": 4}, stats]})
+        told = [line for line in log.records if line.startswith("visionpeft: norm_stats")]
+        verdict = {"plain": None, "in": "trains", "out": "left out"}[label]
+        assert told == ([f"visionpeft: norm_stats {verdict}: {split} train images, min_images {least}"] if verdict
+                        else [])
+        saved = vp.read_adapter(tmp_path / label / "weights" / "best.safetensors")[1]["configs"]
+        assert [c["method"] for c in saved] == (["dora"] if label == "out" else ["dora", "norm_stats"])
+    assert kinds["in"] == kinds["plain"] and "NormStatsAdapter" in kinds["in"]
+    assert "NormStatsAdapter" not in kinds["out"]
+    for label in ("in", "out"):
+        (py0, np0, t0), (py1, np1, t1) = states["plain"], states[label]
+        assert py0 == py1 and (np0 == np1).all() and torch.equal(t0, t1)
+    with pytest.raises(ValueError, match="Every method of peft.methods needs more train images than the 18"):
+        PeftSpec(methods=[{"method": "norm_stats", "min_images": 19}]).configs(18)

@@ -233,14 +233,17 @@ def load_adapter_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], ada
     """Copy tensors keyed ``<module>/<tensor>`` (as in adapter files) into ``model``'s adapter ``adapter_name``,
     in place, so optimizers keep their references."""
     wrappers = {n: w for n, w in adapted_modules(model) if adapter_name in w.adapters}
-    expected = {f"{m}/{k}" for m, w in wrappers.items() for k in w.adapters[adapter_name].state_dict()}
-    if set(tensors) != expected:
-        missing, unexpected = sorted(expected - set(tensors))[:5], sorted(set(tensors) - expected)[:5]
-        raise AdapterFileError(f"{source} does not fit this model: missing {missing}, unexpected {unexpected}.")
     per_module: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         module_name, _, tensor_name = key.partition("/")
         per_module.setdefault(module_name, {})[tensor_name] = value
+    per_module = {m: wrappers[m].adapters[adapter_name].upgrade_state(sd) if m in wrappers else sd
+                  for m, sd in per_module.items()}
+    found = {f"{m}/{k}" for m, sd in per_module.items() for k in sd}
+    expected = {f"{m}/{k}" for m, w in wrappers.items() for k in w.adapters[adapter_name].state_dict()}
+    if found != expected:
+        missing, unexpected = sorted(expected - found)[:5], sorted(found - expected)[:5]
+        raise AdapterFileError(f"{source} does not fit this model: missing {missing}, unexpected {unexpected}.")
     for module_name, sd in per_module.items():
         try:
             wrappers[module_name].adapters[adapter_name].load_state_dict(sd, strict=True)

@@ -28,7 +28,7 @@ from ..io import atomic_write_bytes
 from .keep_base_report import write_keep_reports
 from .runner import eta_text, launch, run_spec, training_config
 
-BENCH_KEYS = ["base", "data", "base_data", "train", "runs", "project", "name", "only", "latency_runs"]
+BENCH_KEYS = ["base", "data", "base_data", "peft", "train", "runs", "project", "name", "only", "latency_runs"]
 RUN_KEYS = ["kind", "freeze", "peft", "train", "from", "keep_base", "extra_augmentations", "scale", "scale_pattern"]
 BASE_ROW = "base"
 SINGLE = "single"  # keep_base: single, with from: <plain run>: one path, the base's class outputs beside the adapter's
@@ -36,7 +36,8 @@ SINGLE = "single"  # keep_base: single, with from: <plain run>: one path, the ba
 
 def load_keep_config(path: str | Path, overrides: dict | None = None) -> dict:
     """A keep-base benchmark config (a path, or a name in ``configs/``) with ``key=value`` overrides (benchmark
-    keys, else Ultralytics train keys)."""
+    keys, else Ultralytics train keys). ``peft``: updates the base's ``peft:`` block for every run, before a
+    run's own ``peft``."""
     from ..train.config import check_train_args, find_config
 
     cfg = yaml.safe_load(find_config(path).read_text()) or {}
@@ -89,7 +90,7 @@ def keeps_base(entry: dict) -> bool | str:
 def _config(cfg: dict, name: str, out_dir: Path) -> dict:
     entry = cfg["runs"][name]
     return training_config(cfg.get("base", "crops.yaml"), [cfg.get("train"), entry.get("train")], out_dir, name,
-                           data=cfg.get("data"), peft=entry.get("peft"),
+                           data=cfg.get("data"), peft={**(cfg.get("peft") or {}), **(entry.get("peft") or {})},
                            extra_augmentations=entry.get("extra_augmentations"))
 
 

@@ -132,6 +132,10 @@ class Adapter(nn.Module):
         whose rounding error stays small in the update, such as low-rank factors that start at zero. None here."""
         return ()
 
+    def upgrade_state(self, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """This adapter's tensors from a file of an earlier build, keyed as ``state_dict()`` keys them now."""
+        return sd
+
 
 class WeightAdapter(Adapter):
     """An adapter that computes its layer's whole adapted weight (``adapted_weight``): merging copies it in."""

@@ -208,15 +208,23 @@ class PeftSpec:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def configs(self) -> list[dict]:
+    def configs(self, images: int | None = None) -> list[dict]:
+        """The method configs to inject; for a train split of ``images`` images, without the methods whose
+        ``min_images`` it does not reach (``None``: all of them)."""
+        methods = [m for m in self.methods if images is None or images >= m.get("min_images", 0)]
+        if not methods:
+            raise ValueError(f"Every method of peft.methods needs more train images than the {images} of this data "
+                             f"(min_images {[m.get('min_images', 0) for m in self.methods]}); lower min_images, or "
+                             "add a method without it (e.g. {method: dora, r: 8, alpha: 16}).")
         extra = [{"method": "trainable", "target_types": ["BatchNorm2d"]}] if self.bn == "train" else []
-        layers = [m.get("layers") for m in self.methods]
+        layers = [m.get("layers") for m in methods]
         if extra and self.keep_base is True and all(layers):  # trainable BatchNorms only where the branch is
-            extra[0]["layers"] = sorted(set().union(*(config_from_dict(m).layers for m in self.methods)))
-        return [*self.methods, *extra]
+            extra[0]["layers"] = sorted(set().union(*(config_from_dict(m).layers for m in methods)))
+        return [*methods, *extra]
 
     def inject(self, model: nn.Module, names, configs: list[dict] | None = None) -> nn.Module:
-        """Add this spec's adapter to ``model`` for a dataset of class ``names`` (``configs``: planned ones)."""
+        """Add this spec's adapter to ``model`` for a dataset of class ``names`` (``configs``: planned ones, or
+        ``configs(images)``)."""
         return inject(model, configs or self.configs(), adapter_name=self.adapter_name, names=names,
                       keep_base=self.keep_base)
 

@@ -1,5 +1,5 @@
 """A few unaugmented batches of the run's own train images: losses for rank planning (``peft.budget``), and inputs for
-``init: eva``.
+``init: eva``; and the split's image count, for methods with ``min_images``.
 
 The planner (:mod:`visionpeft.budget`) knows no Ultralytics; this gives it Ultralytics' dataset, batch format and
 detection loss, exactly as the trainer computes them, on images spread over the train split.
@@ -15,12 +15,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 
-def probe_loader(trainer, images: int = 64, batch: int = 16) -> DataLoader:
-    """``images`` train images spread over the split, ``batch`` at a time, as Ultralytics batches them.
-
-    The dataset is Ultralytics' train dataset of ``trainer`` (its ``fraction`` and class filters included) with the
-    letterbox only: a probe should see the data, not one random draw of mosaic and colour jitter.
-    """
+def _train_dataset(trainer, batch: int):
+    """Ultralytics' train dataset of ``trainer`` (its ``fraction`` and class filters included), letterbox only."""
     from ultralytics.data import build_yolo_dataset
 
     cfg = copy.copy(trainer.args)
@@ -28,6 +24,21 @@ def probe_loader(trainer, images: int = 64, batch: int = 16) -> DataLoader:
     dataset = build_yolo_dataset(cfg, trainer.data["train"], batch, trainer.data, mode="train", rect=False)
     dataset.augment = False
     dataset.transforms = dataset.build_transforms(hyp=cfg)  # YOLODataset: letterbox and format when not augmenting
+    return dataset
+
+
+def train_images(trainer) -> int:
+    """How many images the run trains on: its train split after ``fraction`` and class filters."""
+    return len(_train_dataset(trainer, int(trainer.args.batch)))
+
+
+def probe_loader(trainer, images: int = 64, batch: int = 16) -> DataLoader:
+    """``images`` train images spread over the split, ``batch`` at a time, as Ultralytics batches them.
+
+    The dataset is Ultralytics' train dataset of ``trainer`` (its ``fraction`` and class filters included) with the
+    letterbox only: a probe should see the data, not one random draw of mosaic and colour jitter.
+    """
+    dataset = _train_dataset(trainer, batch)
     count = min(images, len(dataset))
     picks = sorted({round(i * (len(dataset) - 1) / max(count - 1, 1)) for i in range(count)})
     return DataLoader(Subset(dataset, picks), batch_size=batch, shuffle=False, num_workers=0,

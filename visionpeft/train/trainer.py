@@ -61,7 +61,7 @@ from .baseline import BaselineDetectionTrainer
 from .config import PeftSpec
 from .distill import DISTILL_KINDS, BaseDistillLoss
 from .dreams import load_or_dream
-from .rank_probe import probe_images, probe_losses
+from .rank_probe import probe_images, probe_losses, train_images
 
 SPEC_KEY = "train"  # model.visionpeft[SPEC_KEY]: the PeftSpec a checkpoint was trained with (for resume)
 
@@ -199,13 +199,14 @@ class PeftDetectionTrainer(BaselineDetectionTrainer):
             if name in state["adapters"]:
                 set_adapter(model, name)
             else:
-                self.peft.inject(model, self.data["names"])
+                self.peft.inject(model, self.data["names"], self._run_configs())
                 self._init_from_data(model)
         else:
             base = (copy.deepcopy(weights).float() if weights is not None
                     else build_detector(cfg, nc=self.data["nc"], ch=self.data["channels"]))
-            plan = self._plan_ranks(base) if self.peft.budget is not None else None
-            model = self.peft.inject(base, self.data["names"], plan.configs if plan else None)
+            configs = self._run_configs()
+            plan = self._plan_ranks(base, configs) if self.peft.budget is not None else None
+            model = self.peft.inject(base, self.data["names"], plan.configs if plan else configs)
             self._init_from_data(model)
             if plan is not None:  # adapter files record the budget; the ranks are in the configs' rank_pattern
                 model.visionpeft["adapters"][self.peft.adapter_name]["budget"] = plan.record()
@@ -229,12 +230,30 @@ class PeftDetectionTrainer(BaselineDetectionTrainer):
             p.requires_grad_(True)
         return model
 
-    def _plan_ranks(self, base: nn.Module) -> RankPlan:
+    def _run_configs(self) -> list[dict]:
+        """The spec's method configs for this run's train split: a method whose ``min_images`` the split does not
+        reach is left out. The rule depends on the data, so its outcome is printed at the start of training."""
+        spec = self.peft
+        if not any(m.get("min_images", 0) for m in spec.methods):
+            return spec.configs()
+        state, np_state = random.getstate(), np.random.get_state()
+        with torch.random.fork_rng():  # building the dataset must not move the run's random streams
+            images = train_images(self)
+        random.setstate(state)
+        np.random.set_state(np_state)
+        for m in spec.methods:
+            if m.get("min_images", 0):
+                verdict = "trains" if images >= m["min_images"] else "left out"
+                LOGGER.info(f"visionpeft: {m['method']} {verdict}: {images} train images, min_images "
+                            f"{m['min_images']}")
+        return spec.configs(images)
+
+    def _plan_ranks(self, base: nn.Module, configs: list[dict]) -> RankPlan:
         """Ranks per layer for ``peft.budget``, from the gradients of a few train batches (``rank_plan``)."""
         spec = self.peft
         losses = probe_losses(self) if spec.rank_plan == "gradient" else None
         with torch.random.fork_rng():  # the probe leaves the run's random streams as they were
-            plan = plan_ranks(base, spec.configs(), spec.budget, losses, spec.rank_plan, self.data["names"],
+            plan = plan_ranks(base, configs, spec.budget, losses, spec.rank_plan, self.data["names"],
                               bits=spec.file_bits)
         LOGGER.info(f"visionpeft: {plan.summary()}")
         return plan
