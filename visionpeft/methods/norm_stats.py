@@ -81,19 +81,23 @@ class NormStatsAdapter(Adapter):
                             momentum, base.eps)
 
     def _renorm(self, base: nn.Module, x: torch.Tensor, momentum: float) -> torch.Tensor:
-        """``((x - mean) / std * r + d) * weight + bias`` with ``r = std / running_std``, ``d = (mean - running_mean)
-        / running_std`` held constant: BatchNorm's own kernel with weight ``weight * r`` and bias ``weight * d +
-        bias``, which saves only its input for the backward pass (the same sum in separate tensor ops kept four
-        activation-sized tensors per BatchNorm: 1.30x the recipe's time per epoch, 1.26x its peak RSS)."""
-        dims = [0, *range(2, x.dim())]
+        """BatchNorm's output ``y`` (batch statistics, base weight and bias) mapped to ``((x - mean) / std * r + d)
+        * weight + bias`` with ``r = std / running_std`` and ``d = (mean - running_mean) / running_std`` held
+        constant: ``y * r + (weight * d + bias - bias * r)``. One pass of BatchNorm's own kernel, which returns the
+        batch statistics and saves only its input for the backward pass (crops benchmark: separate tensor ops took
+        1.25x full fine-tuning's time per epoch and 1.14x its peak RSS; 2 threads, a 64-channel 64 px map at batch
+        16, forward and backward: 49 ms, a statistics pass before ``F.batch_norm`` 19 ms, this 9.7 ms, plain
+        BatchNorm 7.2 ms)."""
         x, dtype = x.to(self.running_mean.dtype), x.dtype  # float32 statistics under AMP, as F.batch_norm keeps
-        with torch.no_grad():  # r, d: constants for the gradient (Ioffe 2017)
-            var, mean = torch.var_mean(x, dims, correction=0)
-            running_std = (self.running_var + base.eps).sqrt()
-            r, d = (var + base.eps).sqrt() / running_std, (mean - self.running_mean) / running_std
-            weight, bias = (r, d) if base.weight is None else (base.weight * r, base.weight * d + base.bias)
+        running_mean, running_std = self.running_mean.clone(), (self.running_var + base.eps).sqrt()
         # training mode: normalised by the batch's statistics, which update the running ones (unbiased variance)
-        return F.batch_norm(x, self.running_mean, self.running_var, weight, bias, True, momentum, base.eps).to(dtype)
+        y, mean, invstd = torch.native_batch_norm(x, base.weight, base.bias, self.running_mean, self.running_var,
+                                                  True, momentum, base.eps)
+        with torch.no_grad():  # r, d: constants for the gradient (Ioffe 2017)
+            r, d = 1 / (invstd * running_std), (mean - running_mean) / running_std
+            shift = d if base.weight is None else base.weight * d + base.bias - base.bias * r
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        return torch.addcmul(shift.view(shape), y, r.view(shape)).to(dtype)
 
     @torch.no_grad()
     def merge_into(self, base: nn.Module) -> nn.Module:
