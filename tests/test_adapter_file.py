@@ -229,12 +229,8 @@ def test_norm_stats_file_keeps_one_entry_per_batchnorm_and_reads_the_two_entry_l
               metadata={"visionpeft": json.dumps(meta)})
     expected = run(vp.load_adapter(copy.deepcopy(plain), path), images)
     actual = run(vp.load_adapter(copy.deepcopy(plain), tmp_path / "old.safetensors"), images)
-    assert rel_diffs_zero(actual, expected) and rel_diffs_zero(expected, run(model, images))
+    assert max_rel_diff(actual, expected) == 0 and max_rel_diff(expected, run(model, images)) == 0
     assert os.path.getsize(path) < os.path.getsize(tmp_path / "old.safetensors") - 81 * 50
-
-
-def rel_diffs_zero(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
-    return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
 
 
 def test_save_is_atomic_and_creates_folders(base, tmp_path):

@@ -26,6 +26,7 @@ AMP, progress bars, ``results.csv``). The overrides below handle what full fine-
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -72,6 +73,18 @@ def copy_base_tensors(dst: nn.Module, src: nn.Module) -> None:
     for k, v in dst.state_dict().items():
         if ".adapters." not in k:
             v.copy_(src_sd[k.replace(".base_layer.", ".")] if k not in src_sd else src_sd[k])
+
+
+@contextlib.contextmanager
+def streams_kept():
+    """Python's, numpy's and torch's random streams as they were after the block: work before the first epoch
+    (counting or probing the train images) must not change the batches and augmentations the run draws
+    (Ultralytics' Format draws from Python's stream for every image it formats)."""
+    state, np_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng():
+        yield
+    random.setstate(state)
+    np.random.set_state(np_state)
 
 
 class PeftDetectionTrainer(BaselineDetectionTrainer):
@@ -236,11 +249,8 @@ class PeftDetectionTrainer(BaselineDetectionTrainer):
         spec = self.peft
         if not any(m.get("min_images", 0) for m in spec.methods):
             return spec.configs()
-        state, np_state = random.getstate(), np.random.get_state()
-        with torch.random.fork_rng():  # building the dataset must not move the run's random streams
+        with streams_kept():
             images = train_images(self)
-        random.setstate(state)
-        np.random.set_state(np_state)
         for m in spec.methods:
             if m.get("min_images", 0):
                 verdict = "trains" if images >= m["min_images"] else "left out"
@@ -263,11 +273,8 @@ class PeftDetectionTrainer(BaselineDetectionTrainer):
         stream is left as it was, so the run draws the same batches and augmentations as with the zero init."""
         if not any(c.get("init") == "eva" for c in self.peft.configs()):
             return
-        state, np_state = random.getstate(), np.random.get_state()
-        with torch.random.fork_rng():
+        with streams_kept():
             layers = init_from_data(model, probe_images(self))
-        random.setstate(state)  # Ultralytics' Format draws from Python's stream for every image it formats
-        np.random.set_state(np_state)
         LOGGER.info(f"visionpeft: init eva: {layers} adapters start along their inputs' principal directions")
 
     def _adopt_checkpoint_spec(self, state: dict) -> None:
