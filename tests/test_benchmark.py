@@ -235,6 +235,18 @@ def test_domain_config_errors(tmp_path, text, overrides, match):
     assert "\n" not in str(info.value)
 
 
+def test_only_domains_needs_only_those_datasets(tmp_path):
+    """A domain left out by only_domains may name a dataset this machine lacks; run, it is checked like any other."""
+    from visionpeft.bench.domains import load_domain_config
+
+    path = _domains_cfg(tmp_path, DOMAINS_YAML.replace("  coco8: {data: coco8.yaml}\n",
+                                                       "  coco8: {data: coco8.yaml}\n  far: {data: far_away.yaml}\n"))
+    cfg = load_domain_config(path, {"only_domains": "coco8"})
+    assert cfg["todo_domains"] == ["coco8"] and list(cfg["domains"]) == ["coco8", "far"]
+    with pytest.raises(ValueError, match=r"domain far, run full: Dataset YAML 'far_away.yaml' not"):
+        load_domain_config(path)
+
+
 def test_shipped_domain_benchmark_config(tmp_path):
     """bench_domains.yaml: every YOLO dataset of the assets with train and val, >= 2 seeds (3 on crop_weed), every
     (domain, run) a valid training config; quick mode is the first seed of each."""

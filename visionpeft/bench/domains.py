@@ -132,7 +132,8 @@ def load_domain_config(path: str | Path, overrides: Mapping | None = None) -> di
     cfg["todo_runs"] = _select("only", raw.get("only"), list(cfg["runs"]))
     cfg["todo_domains"] = _select("only_domains", raw.get("only_domains"), list(cfg["domains"]))
     out = out_dir(cfg)
-    for domain in cfg["domains"]:
+    # the domains this command runs, not every domain: a team holding some of the datasets runs those
+    for domain in cfg["todo_domains"]:
         for method in cfg["runs"]:
             try:  # peft block, augmentations, train values, data and weights files
                 build_config(domain_run_config(cfg, domain, method, cfg["domains"][domain]["seeds"][0], out))
