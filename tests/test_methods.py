@@ -765,3 +765,35 @@ def test_scaling_refuses_a_pissa_start_and_a_reinitialised_module():
     replacement = vp.TrainableConfig().build(nn.Conv2d(8, 3, 1), 0)  # a class output for other classes
     with pytest.raises(TypeError, match="has no base to scale toward"):
         replacement.scale_update_(nn.Conv2d(8, 80, 1), 0.5)
+
+
+@pytest.mark.parametrize("base", [nn.Conv2d(16, 24, 3), nn.Conv2d(16, 16, 3, groups=16), nn.Linear(20, 12)],
+                         ids=["conv", "depthwise", "linear"])
+def test_rounded_file_refits_a_to_the_rounded_b(base):
+    """LoRA/DoRA files round B, then A refit to it (least squares per group): the stored product is closer to the
+    trained one than with A as trained; B stays as trained (the file rounds it); a group whose rounded B is zero
+    keeps its A (a refit would set it to zero, and an untrained factor pair could never move again)."""
+    from visionpeft import blockquant
+    from visionpeft.methods.lora import compose_weight, low_rank_pair, refit_a_to_rounded_b
+
+    torch.manual_seed(0)
+    a, b = low_rank_pair(base, 1 if getattr(base, "groups", 1) > 1 else 4)
+    nn.init.normal_(b.weight, std=0.05)
+    if isinstance(base, nn.Conv2d) and base.groups > 1:
+        b.weight.data[:2] = 0  # filters whose factor never trained
+    sd = {"lora_A.weight": a.weight.detach().clone(), "lora_B.weight": b.weight.detach().clone(), "other": b.weight}
+    out = refit_a_to_rounded_b(sd, lambda t: blockquant.round_trip(t, 4))
+    assert out["lora_B.weight"] is sd["lora_B.weight"] and out["other"] is sd["other"]
+    b_round = blockquant.round_trip(sd["lora_B.weight"], 4)
+    trained = compose_weight(sd["lora_A.weight"], sd["lora_B.weight"], base)
+    as_trained = (compose_weight(sd["lora_A.weight"], b_round, base) - trained).norm()
+    refit = (compose_weight(out["lora_A.weight"], b_round, base) - trained).norm()
+    assert refit < 0.9 * as_trained
+    stored = compose_weight(blockquant.round_trip(out["lora_A.weight"], 4), b_round, base)
+    plain = compose_weight(blockquant.round_trip(sd["lora_A.weight"], 4), b_round, base)
+    assert (stored - trained).norm() < (plain - trained).norm()
+    if isinstance(base, nn.Conv2d) and base.groups > 1:
+        assert torch.equal(out["lora_A.weight"][:2], sd["lora_A.weight"][:2])
+        assert not torch.equal(out["lora_A.weight"][2:], sd["lora_A.weight"][2:])
+    assert refit_a_to_rounded_b({"lora_A.weight": sd["lora_A.weight"]}, torch.round) == {
+        "lora_A.weight": sd["lora_A.weight"]}  # a PiSSA adapter (nothing rounded) or another method's keys

@@ -70,3 +70,8 @@ def dequantize(data: torch.Tensor, scales: torch.Tensor, bits: int, shape: list[
     q = torch.stack([data & 15, data >> 4], 2).reshape(blocks, BLOCK).to(torch.int8) - 8 if bits == 4 else data
     return (q.float() * scales.float()[:, None]).reshape(-1)[:numel].reshape(shape)
 
+
+
+def round_trip(t: torch.Tensor, bits: int) -> torch.Tensor:
+    """``t`` as a file of ``bits``-bit blocks gives it back (float32)."""
+    return dequantize(*quantize(t, bits), bits, t.shape)

@@ -121,6 +121,21 @@ def roundable_keys(model: nn.Module, adapter_name: str | None = None) -> list[st
             for k in w.adapters[name].roundable_keys()]
 
 
+def prepared_for_rounding(model: nn.Module, adapter_name: str | None, tensors: dict[str, torch.Tensor],
+                          bits: int) -> dict[str, torch.Tensor]:
+    """``tensors`` (``adapter_state_dict``'s) as each method wants them before its factors are rounded to ``bits``
+    (``Adapter.before_rounding``: LoRA and DoRA move ``B``'s rounding error into ``A``)."""
+    name = adapter_name or peft_state(model)["active"]
+    out = dict(tensors)
+    for module_name, wrapper in adapted_modules(model):
+        if name in wrapper.adapters:
+            prefix = f"{module_name}/"
+            own = {k[len(prefix):]: v for k, v in out.items() if k.startswith(prefix)}
+            new = wrapper.adapters[name].before_rounding(own, lambda t: blockquant.round_trip(t, bits))
+            out.update({prefix + k: v for k, v in new.items()})
+    return out
+
+
 def round_tensors(tensors: dict[str, torch.Tensor], keys: list[str], bits: int) -> tuple[dict, dict]:
     """``tensors`` with ``keys`` block-rounded (each as ``key`` and ``key + SCALE_SUFFIX``), and the record that
     ``read_adapter`` needs to undo it."""
@@ -136,8 +151,9 @@ def adapter_to_bytes(model: nn.Module, adapter_name: str | None = None, extra: d
     meta = {**adapter_metadata(model, adapter_name), **(extra or {})}
     tensors = adapter_state_dict(model, adapter_name, dtype)
     if bits is not None:
-        tensors, meta[ROUNDED_KEY] = round_tensors(tensors, roundable_keys(model, adapter_name),
-                                                   blockquant.check_bits(bits))
+        bits = blockquant.check_bits(bits)
+        tensors = prepared_for_rounding(model, adapter_name, tensors, bits)
+        tensors, meta[ROUNDED_KEY] = round_tensors(tensors, roundable_keys(model, adapter_name), bits)
     return save_bytes(tensors, metadata={"visionpeft": json.dumps(meta)})
 
 

@@ -8,6 +8,7 @@ one of which is active. Nothing here knows about Ultralytics or timm.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar
 
@@ -131,6 +132,13 @@ class Adapter(nn.Module):
         """State-dict keys an adapter file may store rounded to 8 or 4 bits (:mod:`visionpeft.blockquant`): tensors
         whose rounding error stays small in the update, such as low-rank factors that start at zero. None here."""
         return ()
+
+    def before_rounding(self, sd: dict[str, torch.Tensor],
+                        round_fn: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, torch.Tensor]:
+        """This adapter's tensors (``state_dict()`` keys) as a file of rounded factors should take them before it
+        rounds each of ``roundable_keys()`` on its own; ``round_fn`` is that rounding (a tensor -> the one the file
+        gives back), so a method can adjust one factor to another's rounded value. Unchanged here."""
+        return sd
 
     def upgrade_state(self, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """This adapter's tensors from a file of an earlier build, keyed as ``state_dict()`` keys them now."""

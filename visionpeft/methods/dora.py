@@ -13,6 +13,7 @@ from torch import nn
 
 from .base import Adapter, WeightAdapter, full_precision
 from .lora import (
+    LoraAdapter,
     LoraConfig,
     compose_weight,
     functional_layer,
@@ -78,3 +79,5 @@ class DoraAdapter(WeightAdapter):
 
     def roundable_keys(self) -> tuple[str, ...]:
         return low_rank_keys(self)  # not the magnitude: it scales the whole filter
+
+    before_rounding = LoraAdapter.before_rounding  # the same factors

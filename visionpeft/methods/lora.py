@@ -9,6 +9,7 @@ convs the rank is per group and capped at what one group can hold (a depthwise 3
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -188,11 +189,39 @@ class LoraAdapter(WeightAdapter):
     def roundable_keys(self) -> tuple[str, ...]:
         return low_rank_keys(self)
 
+    def before_rounding(self, sd: dict[str, torch.Tensor],
+                        round_fn: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, torch.Tensor]:
+        return refit_a_to_rounded_b(sd, round_fn) if self.roundable_keys() else sd
+
 
 def low_rank_keys(adapter: nn.Module) -> tuple[str, ...]:
     """``A`` and ``B`` of an adapter whose update starts at zero. A PiSSA start puts the weights' principal part
     in them, where rounding would change the layer by far more than the update: kept exact."""
     return () if hasattr(adapter, "init_A") else ("lora_A.weight", "lora_B.weight")
+
+
+@torch.no_grad()
+def refit_a_to_rounded_b(sd: dict[str, torch.Tensor], round_fn: Callable[[torch.Tensor], torch.Tensor],
+                       a_key: str = "lora_A.weight", b_key: str = "lora_B.weight") -> dict[str, torch.Tensor]:
+    """``A`` refit to ``B``'s rounded value: per group, ``A' = argmin ||round(B) A' - B A||`` (least squares); the
+    file then rounds ``B`` and ``A'``. ``B``'s error acts on the input directions training gave ``A``, ``A``'s is
+    spread over every input direction of the layer: on 4-bit files of the recipe, rounding ``A`` alone (``B``
+    exact) cost nothing, ``B`` alone all that rounding both lost, and this refit won most of it back (README,
+    "Rounded factors"). A group keeps its ``A`` where ``round(B)`` loses rank (a factor that never trained: ``A``
+    would collapse to zero) or the refit grows past twice ``A``'s largest value (its blocks' scales would coarsen
+    the other values)."""
+    if a_key not in sd or b_key not in sd:
+        return sd
+    a, b = sd[a_key], sd[b_key]
+    r = b.shape[1]
+    g = a.shape[0] // r  # compose_weight's grouping: A (g * r, ...), B (out, r)
+    b_round = round_fn(b.float())
+    a64 = a.double().reshape(g, r, -1)
+    b64, bq64 = (t.double().reshape(g, b.shape[0] // g, r) for t in (b, b_round))
+    refit = torch.linalg.lstsq(bq64, b64 @ a64).solution
+    keep = (torch.linalg.matrix_rank(bq64) == r) & (refit.abs().amax((1, 2)) <= 2 * a64.abs().amax((1, 2)))
+    a_new = torch.where(keep[:, None, None], refit, a64)
+    return {**sd, a_key: a_new.reshape(a.shape).to(a.dtype)}  # B as it was: the file rounds it as round_fn did
 
 
 def scale_low_rank_(adapter: nn.Module, factor: float) -> None:
