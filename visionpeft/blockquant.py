@@ -71,7 +71,6 @@ def dequantize(data: torch.Tensor, scales: torch.Tensor, bits: int, shape: list[
     return (q.float() * scales.float()[:, None]).reshape(-1)[:numel].reshape(shape)
 
 
-
 def round_trip(t: torch.Tensor, bits: int) -> torch.Tensor:
     """``t`` as a file of ``bits``-bit blocks gives it back (float32)."""
     return dequantize(*quantize(t, bits), bits, t.shape)

@@ -202,14 +202,14 @@ def low_rank_keys(adapter: nn.Module) -> tuple[str, ...]:
 
 @torch.no_grad()
 def refit_a_to_rounded_b(sd: dict[str, torch.Tensor], round_fn: Callable[[torch.Tensor], torch.Tensor],
-                       a_key: str = "lora_A.weight", b_key: str = "lora_B.weight") -> dict[str, torch.Tensor]:
+                         a_key: str = "lora_A.weight", b_key: str = "lora_B.weight") -> dict[str, torch.Tensor]:
     """``A`` refit to ``B``'s rounded value: per group, ``A' = argmin ||round(B) A' - B A||`` (least squares); the
     file then rounds ``B`` and ``A'``. ``B``'s error acts on the input directions training gave ``A``, ``A``'s is
     spread over every input direction of the layer: on one 4-bit file of the recipe, rounding ``A`` alone (``B``
-    exact) cost nothing and ``B`` alone all that rounding both lost; over nine, the refit halved the mean loss
-    (README, "A 4-bit adapter file"). A group keeps its ``A`` where ``round(B)`` loses rank (a factor that never
-    trained: ``A`` would collapse to zero) or the refit grows past twice ``A``'s largest value (its blocks' scales
-    would coarsen the other values)."""
+    exact) cost nothing and ``B`` alone all that rounding both lost; over nine, the refit cut the mean loss from
+    0.24 to 0.07 mAP50-95 points (README, "A 4-bit adapter file"). A group keeps its ``A`` where ``round(B)`` loses
+    rank (a factor that never trained: ``A`` would collapse to zero) or the refit grows past twice ``A``'s largest
+    value (its blocks' scales would coarsen the other values)."""
     if a_key not in sd or b_key not in sd:
         return sd
     a, b = sd[a_key], sd[b_key]
