@@ -18,7 +18,7 @@ from visionpeft.train import ConfigError, PeftSpec, load_config, resolve_dataset
 from visionpeft.train.augment import build_transforms, to_ultralytics
 from visionpeft.train.cli import main as cli_main
 from visionpeft.train.config import CONFIGS_DIR, SECTIONS, parse_overrides, ultralytics_train_keys
-from visionpeft.train.offline import amp_works, offline_amp_check
+from visionpeft.train.offline import amp_works, offline_amp_check, outputs_agree
 
 MINIMAL = {"data": "coco8.yaml", "model": "yolo11n.pt"}
 
@@ -235,6 +235,30 @@ def test_trainer_amp_check_needs_no_download():
         assert engine.check_amp is amp_works
     assert engine.check_amp is original
     assert amp_works(torch.nn.Conv2d(3, 3, 1)) is False  # no AMP off CUDA, as in Ultralytics
+
+
+def test_amp_check_accepts_reduced_precision_noise_and_refuses_broken_outputs(base):
+    """The AMP check's comparison, on yolo11n's raw output for bus.jpg: bfloat16 autocast on the CPU (coarser than
+    the float16 AMP uses) agrees; NaN, moved boxes or wrong probabilities do not."""
+    import cv2
+    import torch
+    from ultralytics.utils import ASSETS
+
+    model = base("yolo11n.pt").eval()
+    im = cv2.resize(cv2.imread(str(ASSETS / "bus.jpg")), (256, 256))[..., ::-1].copy()
+    x = torch.from_numpy(im).permute(2, 0, 1)[None].float().div(255)
+    with torch.no_grad():
+        a = model(x)[0]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            b = model(x)[0]
+    assert not torch.equal(a, b.float()) and outputs_agree(a, b)
+    assert not torch.allclose(a, b.float(), atol=0.5, rtol=1e-2)  # the elementwise bound this check replaced
+    broken = b.float().clone()
+    broken[0, 0, 7] = float("nan")
+    assert not outputs_agree(a, broken)
+    assert not outputs_agree(a, a * torch.tensor([1.1, 1.1, 1.1, 1.1] + [1.0] * 80)[None, :, None])  # boxes 10 % off
+    assert not outputs_agree(a, torch.cat([a[:, :4], 1 - a[:, 4:]], 1))  # probabilities
+    assert not outputs_agree(a, a[:, :, :-1])
 
 
 # -- command line ---------------------------------------------------------------------------------------------------
