@@ -16,7 +16,7 @@ from torch import nn
 from ultralytics.nn.tasks import DetectionModel
 
 import visionpeft as vp
-from visionpeft.families.yolo import class_bias
+from visionpeft.families.yolo import class_bias, train_convs_in_one_step
 from visionpeft.frozen_norm import FrozenBatchNorm2d, unfreeze_norms
 from visionpeft.inject import adapted_modules, base_named_modules, frozen_norm_modules
 from visionpeft.methods import AdaptedModule
@@ -254,12 +254,14 @@ def recipe_in_training(base) -> nn.Module:
     model = load(base, "yolo11n.pt")
     vp.inject(model, [vp.DoraConfig(r=8, alpha=16), vp.NormStatsConfig(normalize="renorm")], names=["crop", "weed"])
     randomize_adapters(model, std=0.02)
-    return model.double().train()
+    model.double().train()
+    train_convs_in_one_step(model)  # what peft.one_step has the trainer do at each epoch's start
+    return model
 
 
 def test_adapted_conv_and_renormalising_norm_train_as_one_step_with_the_same_math(base, images):
-    """While training, each Conv runs its DoRA conv, renorm statistics and SiLU as one step: same outputs,
-    gradients and statistics as the three modules, and Ultralytics' own classes again in eval mode."""
+    """``peft.one_step``: each Conv runs its DoRA conv, renorm statistics and SiLU as one step, with the same
+    outputs, gradients and statistics as the three modules, and Ultralytics' own classes again in eval mode."""
     from ultralytics.nn.modules.conv import Conv, DWConv
 
     from visionpeft.integrations.ultralytics import conv_bn_act_one_step
@@ -291,7 +293,8 @@ def test_adapted_conv_and_renormalising_norm_train_as_one_step_with_the_same_mat
     one_step.eval()
     assert all(type(m) in (Conv, DWConv) and not hasattr(m, "one_step") for m in one_step.modules()
                if isinstance(m, Conv))
-    merged = vp.merge(one_step.train())  # a merge in train mode gives Ultralytics' classes too
+    train_convs_in_one_step(one_step.train())
+    merged = vp.merge(one_step)  # a merge in train mode gives Ultralytics' classes too
     assert all(type(m) in (Conv, DWConv) for m in merged.modules() if isinstance(m, Conv))
 
 

@@ -42,10 +42,10 @@ def _peft_detection_model_cls():
             return DetectionModel.fuse(self, verbose=verbose, imgsz=imgsz)
 
         def train(self, mode: bool = True):
-            """Also runs each adapted conv and its renormalising BatchNorm as one step while training
-            (:func:`renorm_conv_step`); eval mode gives the plain Ultralytics modules back."""
+            """Eval mode also gives Ultralytics' own Conv classes back (see :func:`train_convs_in_one_step`)."""
             DetectionModel.train(self, mode)
-            conv_bn_act_one_step(self, renorm_conv_step if mode else None)
+            if not mode:
+                conv_bn_act_one_step(self, None)
             return self
 
     PeftDetectionModel.__module__ = __name__
@@ -77,6 +77,12 @@ def renorm_conv_step(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
         return None
     return stats.renorm_conv(bn.base_layer, conv.base_layer, weights.adapted_weight(conv.base_layer), x,
                              silu=isinstance(act, nn.SiLU))
+
+
+def train_convs_in_one_step(model: nn.Module, on: bool = True) -> None:
+    """While ``model`` trains, run each Ultralytics ``Conv`` whose conv has DoRA and whose BatchNorm renormalises as
+    one step (:func:`renorm_conv_step`; ``peft.one_step``); ``eval()`` or ``on=False`` undoes it."""
+    conv_bn_act_one_step(model, renorm_conv_step if on else None)
 
 
 def class_bias(nc: int, stride: float) -> float:
