@@ -167,7 +167,7 @@ _CONV_BN_ACT: dict[type, type] = {}
 
 def _one_step_forward(self, x):
     out = self.one_step(self, x)
-    return super(type(self), self).forward(x) if out is None else out
+    return type(self).plain_forward(self, x) if out is None else out
 
 
 def _one_step_classes() -> dict[type, type]:
@@ -175,8 +175,8 @@ def _one_step_classes() -> dict[type, type]:
         from ultralytics.nn.modules.conv import Conv, DWConv
 
         for cls in (Conv, DWConv):
-            _CONV_BN_ACT[cls] = type(f"OneStep{cls.__name__}", (cls,), {"forward": _one_step_forward,
-                                                                          "__module__": __name__})
+            _CONV_BN_ACT[cls] = type(f"OneStep{cls.__name__}", (cls,), {
+                "forward": _one_step_forward, "plain_forward": cls.forward, "__module__": __name__})
     return _CONV_BN_ACT
 
 
