@@ -16,7 +16,7 @@ from torch import nn
 from ultralytics.nn.tasks import DetectionModel
 
 import visionpeft as vp
-from visionpeft.families.yolo import class_bias, train_convs_in_one_step
+from visionpeft.families.yolo import class_bias
 from visionpeft.frozen_norm import FrozenBatchNorm2d, unfreeze_norms
 from visionpeft.inject import adapted_modules, base_named_modules, frozen_norm_modules
 from visionpeft.methods import AdaptedModule
@@ -247,77 +247,6 @@ def test_merge_gives_plain_batchnorms_back(base, images):
     norms = [m for m in merged.modules() if isinstance(m, nn.BatchNorm2d)]
     assert norms and all(type(m) is nn.BatchNorm2d for m in norms)
     assert type(model.model[0].bn) is FrozenBatchNorm2d  # merge() copies; the adapted model is untouched
-
-
-def recipe_in_training(base) -> nn.Module:
-    """yolo11n.pt with the crops recipe's methods (DoRA, renormalising statistics), trained a little, in float64."""
-    model = load(base, "yolo11n.pt")
-    vp.inject(model, [vp.DoraConfig(r=8, alpha=16), vp.NormStatsConfig(normalize="renorm")], names=["crop", "weed"])
-    randomize_adapters(model, std=0.02)
-    model.double().train()
-    train_convs_in_one_step(model)  # what peft.one_step has the trainer do at each epoch's start
-    return model
-
-
-def test_adapted_conv_and_renormalising_norm_train_as_one_step_with_the_same_math(base, images):
-    """``peft.one_step``: each Conv runs its DoRA conv, renorm statistics and SiLU as one step, with the same
-    outputs, gradients and statistics as the three modules, and Ultralytics' own classes again in eval mode."""
-    from ultralytics.nn.modules.conv import Conv, DWConv
-
-    from visionpeft.integrations.ultralytics import conv_bn_act_one_step
-
-    one_step = recipe_in_training(base)
-    convs = [m for m in one_step.modules() if isinstance(m, Conv)]
-    assert all(type(m) not in (Conv, DWConv) and hasattr(m, "one_step") for m in convs)
-    assert any(isinstance(m, DWConv) for m in convs)  # the head's depthwise convs keep their class
-    three = copy.deepcopy(one_step)
-    conv_bn_act_one_step(three, None)
-    assert all(type(m) in (Conv, DWConv) for m in three.modules() if isinstance(m, Conv))
-
-    x = images.double() * 2
-    losses, grads = [], []
-    for model in (one_step, three):
-        out = leaves(model(x))
-        weights = [torch.linspace(-1, 1, o.numel(), dtype=o.dtype).view_as(o) for o in out]
-        loss = sum((o * w).sum() for o, w in zip(out, weights, strict=True))
-        loss.backward()
-        losses.append(loss.detach())
-        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
-    assert torch.allclose(losses[0], losses[1], rtol=1e-12)
-    assert grads[0].keys() == grads[1].keys() and any(".magnitude" in n for n in grads[0])
-    for n, g in grads[0].items():  # magnitudes too: BatchNorm's eps makes their gradient small, not zero
-        assert (g - grads[1][n]).norm() <= 1e-8 * grads[1][n].norm() + 1e-12, n
-    stats = {n: b for n, b in one_step.named_buffers() if n.endswith(".stats")}
-    assert stats and all(torch.allclose(b, three.get_buffer(n), rtol=1e-10) for n, b in stats.items())
-
-    one_step.eval()
-    assert all(type(m) in (Conv, DWConv) and not hasattr(m, "one_step") for m in one_step.modules()
-               if isinstance(m, Conv))
-    train_convs_in_one_step(one_step.train())
-    merged = vp.merge(one_step)  # a merge in train mode gives Ultralytics' classes too
-    assert all(type(m) in (Conv, DWConv) for m in merged.modules() if isinstance(m, Conv))
-
-
-def test_one_step_is_left_out_where_its_fold_does_not_hold(base, images):
-    """LoRA (a separate low-rank path), batch statistics and AMP run the three modules, as does a norm whose
-    weight is 0 in some channel."""
-    from visionpeft.families.yolo import renorm_conv_step
-
-    x = images.double()
-    model = recipe_in_training(base)
-    conv = model.model[0]
-    assert renorm_conv_step(conv, x) is not None
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert renorm_conv_step(conv, x.float()) is None
-    bn = conv.bn.base_layer
-    with torch.no_grad():
-        bn.weight[0] = 0.0
-    assert renorm_conv_step(conv, x) is None
-    for configs in ([vp.LoraConfig(r=4), vp.NormStatsConfig(normalize="renorm")],
-                    [vp.DoraConfig(r=4), vp.NormStatsConfig()]):
-        other = load(base, "yolo11n.pt")
-        vp.inject(other, configs)
-        assert renorm_conv_step(other.train().model[0], images) is None
 
 
 def test_trainable_report_per_block_and_total(base):

@@ -401,23 +401,3 @@ def test_min_images_leaves_norm_stats_out_of_a_small_split_and_says_so(tmp_path)
         assert py0 == py1 and (np0 == np1).all() and torch.equal(t0, t1)
     with pytest.raises(ValueError, match="Every method of peft.methods needs more train images than the 18"):
         PeftSpec(methods=[{"method": "norm_stats", "min_images": 19}]).configs(18)
-
-
-def test_one_step_trains_convs_and_their_renorm_as_one_step_and_saves_plain_files(tmp_path):
-    """``peft.one_step``: while the run trains, its Convs (DoRA + renorm statistics) are the one-step classes; the
-    EMA, the checkpoints and the merged model hold Ultralytics' own, and the file loads as any adapter file."""
-    seen = {}
-
-    def grab(trainer):
-        seen["model"] = {type(m).__name__ for m in trainer.model.modules() if hasattr(m, "act")}
-        seen["ema"] = {type(m).__name__ for m in trainer.ema.ema.modules() if hasattr(m, "act")}
-
-    train("crops.yaml", callbacks={"on_train_epoch_end": grab}, project=str(tmp_path), name="one", epochs=1,
-          fraction=0.02, **FAST, **{"peft.one_step": True, "peft.methods": [
-              {"method": "dora", "r": 2, "alpha": 4}, {"method": "norm_stats", "normalize": "renorm"}]})
-    assert "OneStepConv" in seen["model"] and "OneStepDWConv" in seen["model"]
-    assert "Conv" in seen["ema"] and not any(n.startswith("OneStep") for n in seen["ema"])
-    model = vp.load_adapter(vp.load_base(BASE), tmp_path / "one" / "weights" / "best.safetensors")
-    assert not any(type(m).__name__.startswith("OneStep") for m in vp.merge(model).modules())
-    with pytest.raises(ValueError, match="peft.one_step must be true or false"):
-        PeftSpec(one_step="yes")

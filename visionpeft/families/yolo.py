@@ -15,10 +15,8 @@ import sys
 import torch
 from torch import nn
 
-from ..integrations.ultralytics import conv_bn_act_one_step, retype
+from ..integrations.ultralytics import retype
 from ..keep_modes import SHARED_BOXES, SHARED_MODES, SHARED_TRUNK
-from ..methods import AdaptedModule
-from ..methods.norm_stats import NormStatsAdapter
 from ..modules import base_named_modules
 from .base import Family
 
@@ -41,13 +39,6 @@ def _peft_detection_model_cls():
             YoloFamily().merge_(self)  # plain modules again (adapters folded in), so Conv+BN folding sees them
             return DetectionModel.fuse(self, verbose=verbose, imgsz=imgsz)
 
-        def train(self, mode: bool = True):
-            """Eval mode also gives Ultralytics' own Conv classes back (see :func:`train_convs_in_one_step`)."""
-            DetectionModel.train(self, mode)
-            if not mode:
-                conv_bn_act_one_step(self, None)
-            return self
-
     PeftDetectionModel.__module__ = __name__
     PeftDetectionModel.__qualname__ = "PeftDetectionModel"
     return PeftDetectionModel
@@ -60,29 +51,6 @@ def __getattr__(name: str):
         globals()[name] = cls
         return cls
     raise AttributeError(name)
-
-
-def renorm_conv_step(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
-    """An Ultralytics ``Conv``'s ``act(bn(conv(x)))`` in one step when its conv's adapter composes a weight (DoRA) and
-    its BatchNorm's renormalises (``norm_stats``, ``normalize: renorm``): see ``NormStatsAdapter.renorm_conv``.
-    ``None`` otherwise (AMP included: the fold is float32 math), and the module runs as usual."""
-    conv, bn, act = module.conv, module.bn, module.act
-    if not (isinstance(conv, AdaptedModule) and isinstance(bn, AdaptedModule)) or conv.active_adapter is None \
-            or bn.active_adapter is None or not isinstance(act, (nn.SiLU, nn.Identity)) \
-            or torch.is_autocast_enabled(x.device.type):
-        return None
-    weights, stats = conv.adapters[conv.active_adapter], bn.adapters[bn.active_adapter]
-    if not (getattr(weights, "conv_forward_is_weight", False) and isinstance(stats, NormStatsAdapter)
-            and stats.renormalizes) or x.dtype not in (torch.float32, torch.float64):
-        return None
-    return stats.renorm_conv(bn.base_layer, conv.base_layer, weights.adapted_weight(conv.base_layer), x,
-                             silu=isinstance(act, nn.SiLU))
-
-
-def train_convs_in_one_step(model: nn.Module, on: bool = True) -> None:
-    """While ``model`` trains, run each Ultralytics ``Conv`` whose conv has DoRA and whose BatchNorm renormalises as
-    one step (:func:`renorm_conv_step`; ``peft.one_step``); ``eval()`` or ``on=False`` undoes it."""
-    conv_bn_act_one_step(model, renorm_conv_step if on else None)
 
 
 def class_bias(nc: int, stride: float) -> float:
@@ -179,13 +147,8 @@ class YoloFamily(Family):
         if getattr(model, "criterion", None) is not None:
             model.criterion = None  # the loss caches the class count; rebuild it lazily
 
-    def merge_(self, model: nn.Module) -> nn.Module:
-        conv_bn_act_one_step(model, None)  # a merged model holds Ultralytics' own classes, in train mode too
-        return super().merge_(model)
-
     def on_unload(self, model: nn.Module) -> None:
         from . import yolo
 
-        conv_bn_act_one_step(model, None)
         if type(model) is yolo.PeftDetectionModel:
             retype(model, _detection_model_cls())

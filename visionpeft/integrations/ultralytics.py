@@ -160,46 +160,6 @@ def retype(model: nn.Module, cls: type) -> None:
     model.__class__ = cls
 
 
-# Ultralytics' Conv.forward (ultralytics.nn.modules.conv.Conv, which DWConv inherits) is act(bn(conv(x))): a
-# subclass of each, swapped in while a model trains, first offers the three to a visionpeft function as one step.
-_CONV_BN_ACT: dict[type, type] = {}
-
-
-def _one_step_forward(self, x):
-    out = self.one_step(self, x)
-    return type(self).plain_forward(self, x) if out is None else out
-
-
-def _one_step_classes() -> dict[type, type]:
-    if not _CONV_BN_ACT:
-        from ultralytics.nn.modules.conv import Conv, DWConv
-
-        for cls in (Conv, DWConv):
-            _CONV_BN_ACT[cls] = type(f"OneStep{cls.__name__}", (cls,), {
-                "forward": _one_step_forward, "plain_forward": cls.forward, "__module__": __name__})
-    return _CONV_BN_ACT
-
-
-def conv_bn_act_one_step(model: nn.Module, one_step: Callable[[nn.Module, torch.Tensor], Any] | None) -> None:
-    """Give every Ultralytics ``Conv``/``DWConv`` of ``model`` a forward that tries ``one_step(module, x)`` first
-    (its ``None``: ``act(bn(conv(x)))`` as before), or with ``None`` the plain classes back. A class swap, so
-    state-dict keys, ``isinstance`` and Ultralytics' Conv+BN fusion see the modules as they were; the swapped
-    classes are not importable, so a model is swapped only while it trains (never pickled so)."""
-    classes = _one_step_classes()
-    plain = {v: k for k, v in classes.items()}
-    for m in model.modules():
-        if one_step is not None and type(m) in classes:
-            m.__class__ = classes[type(m)]
-        elif type(m) in plain:
-            if one_step is None:
-                m.__class__ = plain[type(m)]
-                del m.one_step
-                continue
-        else:
-            continue
-        m.one_step = one_step
-
-
 def modern_detect_head(nc: int, ch: list[int], reg_max: int = 16, end2end: bool = False) -> nn.Module:
     """A YOLO11-style ``Detect`` head (depthwise class branch) regardless of what YAML was parsed last.
 

@@ -149,9 +149,6 @@ class WeightAdapter(Adapter):
     """An adapter that computes its layer's whole adapted weight (``adapted_weight``): merging copies it in."""
 
     mergeable: ClassVar[bool] = True
-    #: ``forward(base, x)`` is ``base``'s operation with ``adapted_weight(base)`` for a conv: a model family may then
-    #: run that conv itself, e.g. with the norm after it folded in
-    conv_forward_is_weight: ClassVar[bool] = False
 
     def adapted_weight(self, base: nn.Module) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -49,8 +49,6 @@ def scale_magnitude_(magnitude: torch.Tensor, base: nn.Module, factor: float) ->
 class DoraAdapter(WeightAdapter):
     """``W' = m (W + s B A) / ||W + s B A||``, the norm per output filter."""
 
-    conv_forward_is_weight = True
-
     def __init__(self, base: nn.Module, r: int, alpha: float, init: str = "zero") -> None:
         super().__init__()
         self.r = group_rank(base, r)

@@ -11,8 +11,7 @@ The update uses the base layer's ``momentum`` (0.03 in Ultralytics models; 0.1 w
 running statistics as they stand before the batch updates them, while the gradient flows through the batch's
 statistics as in BatchNorm: training's forward is eval's, so training starts as the frozen-BatchNorm recipe and
 what is learnt on few images is what is evaluated, and the gradient still holds the activations' scale (the same
-forward without that gradient diverges: crops benchmark, epoch 3). Since that forward is an affine map of the conv
-before it, a model family may fold it into the conv's weight (:meth:`NormStatsAdapter.renorm_conv`).
+forward without that gradient diverges: crops benchmark, epoch 3).
 """
 
 from __future__ import annotations
@@ -27,47 +26,6 @@ from . import checks
 from .base import Adapter, AdapterConfig
 
 NORMALIZE = ("batch", "renorm")
-
-
-def channel_moments(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and biased variance of an ``(N, C, ...)`` tensor. From row sums where ``y`` is contiguous:
-    ``torch.var_mean`` over ``(0, 2, 3)`` is a strided reduction, 14x slower (2 threads, 16x64x64x64: 11.6 against
-    0.8 ms). ``E[y^2] - E[y]^2`` loses precision where a channel's mean dwarfs its spread; on a BatchNorm's output,
-    which ``renorm_conv`` takes it of, the spread is the norm's weight, and yolo11n's smallest weight is 1.2 % of
-    its bias (relative error ~1e-3 in that channel's variance)."""
-    if y.is_contiguous():
-        v = y.view(y.shape[0], y.shape[1], -1)
-        n = v.shape[0] * v.shape[2]
-        mean = v.sum(-1).sum(0) / n
-        return mean, (torch.linalg.vecdot(v, v).sum(0) / n - mean**2).clamp_min(0)
-    if y.dim() == 4 and y.is_contiguous(memory_format=torch.channels_last):
-        v = y.permute(0, 2, 3, 1).reshape(-1, y.shape[1])  # a view: channels are the inner dimension
-        mean = v.mean(0)
-        return mean, (torch.linalg.vector_norm(v, dim=0) ** 2 / v.shape[0] - mean**2).clamp_min(0)
-    var, mean = torch.var_mean(y, dim=[0, *range(2, y.dim())], correction=0)
-    return mean, var
-
-
-class _RenormAct(torch.autograd.Function):
-    """``act(y)`` for a ``y`` already normalised by the running statistics (forward as eval); the backward pass is
-    BatchNorm's with ``y``'s batch statistics, r and d constant (Ioffe 2017), the affine scale cancelled:
-    ``g - mean(g) - y_hat * mean(g * y_hat)`` per channel. Saves ``y`` alone (the SiLU's input as well)."""
-
-    @staticmethod
-    def forward(ctx, y: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor, silu: bool) -> torch.Tensor:
-        ctx.save_for_backward(y, mean, invstd)
-        ctx.silu = silu
-        return F.silu(y) if silu else y.clone()  # a new tensor: Ultralytics' in-place SiLU must not edit the saved y
-
-    @staticmethod
-    def backward(ctx, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        y, mean, invstd = ctx.saved_tensors
-        if ctx.silu:
-            g = torch.ops.aten.silu_backward(g, y)
-        # weight 1 / invstd: BatchNorm's backward multiplies by weight * invstd, here 1
-        grad = torch.ops.aten.native_batch_norm_backward(g, y, invstd.reciprocal(), None, None, mean, invstd, True,
-                                                         0.0, [True, False, False])[0]
-        return grad, None, None, None
 
 
 @dataclass
@@ -140,36 +98,6 @@ class NormStatsAdapter(Adapter):
             shift = d if base.weight is None else base.weight * d + base.bias - base.bias * r
         shape = (1, -1) + (1,) * (x.dim() - 2)
         return torch.addcmul(shift.view(shape), y, r.view(shape)).to(dtype)
-
-    @property
-    def renormalizes(self) -> bool:
-        """Whether the forward is now ``renorm``'s: an affine map with the running statistics."""
-        return self.training and self.normalize == "renorm"
-
-    def renorm_conv(self, base: nn.Module, conv: nn.Conv2d, weight: torch.Tensor, x: torch.Tensor,
-                    silu: bool) -> torch.Tensor | None:
-        """``act(self(base, conv(x)))`` with ``weight`` as ``conv``'s, while ``renormalizes``: the normalisation
-        folded into the conv (``weight * a``, bias ``c``), so the conv's output is the norm's, and the gradient from
-        :class:`_RenormAct`. Against ``conv``, then this adapter, then the activation (crops recipe, yolo11n, batch
-        16 at 256 px, 2 threads, steps alternated): 0.85x the step's time, one activation per conv less kept for the
-        backward pass. ``None`` where the fold does not apply: a conv with its own bias, a norm without affine
-        weights, or one whose weight is 0.1 % of its bias or less (``channel_moments``' precision)."""
-        w_bn, b_bn = base.weight, base.bias
-        if conv.bias is not None or w_bn is None or (w_bn.abs() <= 1e-3 * b_bn.abs()).any():
-            return None
-        momentum = base.momentum if base.momentum is not None else 0.1
-        with torch.no_grad():
-            a = w_bn * (self.running_var + base.eps).rsqrt()
-            c = b_bn - self.running_mean * a
-        y = conv._conv_forward(x, weight * a.view(-1, *[1] * (weight.dim() - 1)), c)
-        with torch.no_grad():
-            mean, var = channel_moments(y)
-            invstd = (var + a**2 * base.eps).rsqrt()  # the conv output's eps, in y = a x + c's units
-            n = y.numel() // y.shape[1]
-            # the conv's own output is (y - c) / a: its statistics update the running ones, as BatchNorm's kernel does
-            self.running_mean.lerp_((mean - c) / a, momentum)
-            self.running_var.lerp_(var / a**2 * (n / max(n - 1, 1)), momentum)
-        return _RenormAct.apply(y, mean, invstd, silu)
 
     @torch.no_grad()
     def merge_into(self, base: nn.Module) -> nn.Module:

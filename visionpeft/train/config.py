@@ -104,8 +104,6 @@ class PeftSpec:
     their own factor in [0, 1] (``scale_adapter``'s ``pattern``), e.g. ``{'model\\.[0-4]\\..*': 0}``.
     ``file_bits``: how ``best.safetensors`` stores the low-rank factors: 16 (float16), 8 or 4 (integers in blocks
     of 32 with a float16 scale each, :func:`visionpeft.save_adapter`'s ``bits``); everything else is float16.
-    ``one_step``: on YOLO, each DoRA conv and the renormalising ``norm_stats`` after it train as one step (the norm
-    folded into the conv's weight; the same function, 0.92x the time per epoch, another float draw).
     """
 
     adapter_name: str = "default"
@@ -128,7 +126,6 @@ class PeftSpec:
     keep_scale: float = 1.0
     keep_scale_pattern: dict = field(default_factory=dict)
     file_bits: int = 16
-    one_step: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.adapter_name, str) or not self.adapter_name or "." in self.adapter_name:
@@ -181,8 +178,6 @@ class PeftSpec:
         if (self.keep_scale != 1 or self.keep_scale_pattern) and self.keep_base not in SHARED_MODES:
             raise ValueError("peft.keep_scale scales a trunk shared with the base classes; set peft.keep_base: "
                              "classes or head (with distill_base), or drop keep_scale and keep_scale_pattern.")
-        if not isinstance(self.one_step, bool):
-            raise ValueError(f"peft.one_step must be true or false, not {self.one_step!r}.")
         if self.file_bits not in FILE_BITS or isinstance(self.file_bits, bool):
             raise ValueError(f"peft.file_bits must be one of {list(FILE_BITS)} (16: float16; 8 or 4: the low-rank "
                              f"factors rounded in blocks), not {self.file_bits!r}.")

@@ -45,7 +45,6 @@ from ultralytics.utils.torch_utils import unwrap_model
 
 from ..budget import RankPlan, plan_ranks
 from ..data_init import init_from_data
-from ..families.yolo import train_convs_in_one_step
 from ..inject import (
     STATE_ATTR,
     fingerprint,
@@ -376,8 +375,6 @@ class PeftDetectionTrainer(BaselineDetectionTrainer):
     def on_model_train(self) -> None:
         for m in frozen_norm_modules(unwrap_model(self.model)):
             m.eval()
-        if self.peft.one_step:
-            train_convs_in_one_step(unwrap_model(self.model))
 
     # -- checkpoints -------------------------------------------------------------------------------------------
     def resume_training(self, ckpt) -> None:
