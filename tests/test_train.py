@@ -401,3 +401,26 @@ def test_min_images_leaves_norm_stats_out_of_a_small_split_and_says_so(tmp_path)
         assert py0 == py1 and (np0 == np1).all() and torch.equal(t0, t1)
     with pytest.raises(ValueError, match="Every method of peft.methods needs more train images than the 18"):
         PeftSpec(methods=[{"method": "norm_stats", "min_images": 19}]).configs(18)
+
+
+def test_streams_kept_puts_every_random_stream_back_even_when_the_block_fails():
+    """Work before the first epoch (counting or probing train images) runs inside ``streams_kept``: whether it
+    ends or fails, Python's, numpy's and torch's streams are where they were, so the run draws what it would have."""
+    from visionpeft.train.trainer import streams_kept
+
+    def draws() -> tuple:
+        return random.random(), float(np.random.rand()), float(torch.rand(1))
+
+    def seed() -> None:
+        random.seed(3)
+        np.random.seed(3)
+        torch.manual_seed(3)
+
+    seed()
+    expected = draws()
+    seed()
+    with pytest.raises(RuntimeError, match="probe failed"):
+        with streams_kept():
+            draws()
+            raise RuntimeError("probe failed")
+    assert draws() == expected

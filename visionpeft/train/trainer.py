@@ -83,10 +83,12 @@ def streams_kept():
     (counting or probing the train images) must not change the batches and augmentations the run draws
     (Ultralytics' Format draws from Python's stream for every image it formats)."""
     state, np_state = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng():
-        yield
-    random.setstate(state)
-    np.random.set_state(np_state)
+    try:
+        with torch.random.fork_rng():
+            yield
+    finally:  # a failed probe must not leave the run on another draw either
+        random.setstate(state)
+        np.random.set_state(np_state)
 
 
 class PeftDetectionTrainer(BaselineDetectionTrainer):
