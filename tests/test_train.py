@@ -419,8 +419,7 @@ def test_streams_kept_puts_every_random_stream_back_even_when_the_block_fails():
     seed()
     expected = draws()
     seed()
-    with pytest.raises(RuntimeError, match="probe failed"):
-        with streams_kept():
-            draws()
-            raise RuntimeError("probe failed")
+    with pytest.raises(RuntimeError, match="probe failed"), streams_kept():
+        draws()
+        raise RuntimeError("probe failed")
     assert draws() == expected
