@@ -373,43 +373,6 @@ def test_a_run_distills_on_dreams_made_once_in_its_folder(tiny_crops, tmp_path, 
     assert not all(torch.equal(scaled[k], trained.state_dict()[k]) for k in adapters)
 
 
-def test_keep_refit_trains_the_new_classes_alone_on_the_trunk_as_shipped(tiny_crops, tmp_path, caplog):
-    """``peft.keep_refit: 1`` of 2 epochs: after epoch 1 the shared trunk is scaled as ``keep_scale`` ships it and
-    stops training (exactly the scaled epoch-1 weights at the end), the new classes' own modules keep training on
-    it, and ``best.safetensors`` is not scaled a second time."""
-    from visionpeft.train.trainer import PeftDetectionTrainer
-
-    peft = {"methods": [{"method": "dora", "r": 4, "alpha": 8}], "keep_base": "classes", "distill_base": 1.0,
-            "keep_scale": 0.5, "keep_scale_pattern": {r"model\.[0-4]\..*": 0}, "keep_refit": 1}
-    trainer = PeftDetectionTrainer(overrides={**FAST, "epochs": 2, "model": str(resolve_weights("yolo11n.pt")),
-                                              "data": str(tiny_crops), "project": str(tmp_path), "name": "refit"},
-                                   peft=peft)
-    after_epoch1 = {}
-
-    def snapshot(tr) -> None:
-        if tr.epoch == 0:  # the raw model (not the EMA) as epoch 1 left it
-            after_epoch1["model"] = copy.deepcopy(tr.model)
-
-    trainer.add_callback("on_train_epoch_end", snapshot)
-    trainer.train()
-    shipped = vp.scale_adapter(after_epoch1["model"], 0.5, pattern={r"model\.[0-4]\..*": 0})
-    head = f"model.{len(trainer.model.model) - 1}.cv3."
-    end, start = dict(trainer.model.named_parameters()), dict(shipped.named_parameters())
-    adapters = [k for k in end if ".adapters." in k]
-    trunk = [k for k in adapters if not k.startswith(head)]
-    own = [k for k in adapters if k.startswith(head)]
-    assert trunk and own
-    assert all(torch.equal(end[k], start[k]) and not end[k].requires_grad for k in trunk)
-    assert any(not torch.equal(end[k], start[k]) for k in own) and all(end[k].requires_grad for k in own)
-    assert "the shared trunk scaled as best.safetensors ships it and frozen" in "".join(
-        r.getMessage() for r in caplog.records)
-    weights = tmp_path / "refit" / "weights"
-    last, best = (vp.read_adapter(weights / f)[0] for f in ("last.safetensors", "best.safetensors"))
-    assert all(torch.allclose(best[k].float(), last[k].float(), rtol=2e-3, atol=1e-5) for k in last)
-    with pytest.raises(ValueError, match="peft.keep_refit re-fits the new classes to the trunk scaled"):
-        PeftSpec(keep_base="classes", distill_base=1.0, keep_refit=1)
-
-
 def test_keep_base_benchmark_at_a_tiny_budget(tiny_crops, tmp_path):
     from visionpeft.bench.keep_base import load_keep_config, run_keep_benchmark
 

@@ -289,34 +289,15 @@ def scale_adapter(model: nn.Module, factor: float, adapter_name: str | None = No
     check_scale_factor(factor)
     pattern = pattern or {}
     check_scale_pattern(pattern)
-    for module_name, wrapper, adapter in _read_by_base(model, adapter_name, "scale"):
-        own = next((f for p, f in pattern.items() if _matches(module_name, [p])), factor)
-        adapter.scale_update_(wrapper.base_layer, float(own))
-    return model
-
-
-def freeze_shared(model: nn.Module, adapter_name: str | None = None) -> nn.Module:
-    """Stop training adapter ``adapter_name`` (default: the active one) where the base classes read it, as
-    :func:`scale_adapter` scales it: on a shared trunk (``keep_base: head`` or ``classes``) only the new classes'
-    own modules and class outputs keep training (``peft.keep_refit``)."""
-    for _, _, adapter in _read_by_base(model, adapter_name, "freeze"):
-        adapter.requires_grad_(False)
-    return model
-
-
-def _read_by_base(model: nn.Module, adapter_name: str | None, verb: str):
-    """``(module name, wrapper, adapter)`` of each module of the adapter whose update the base classes read: all of
-    a plain adapter's; on a shared trunk, all but the new classes' own modules. Re-initialised class outputs have
-    no base and are left out; a branch (``keep_base: true``) is refused."""
     state = peft_state(model)
     name = adapter_name or state["active"]
     if name not in state["adapters"]:
-        raise ValueError(f"No adapter named {name!r} to {verb}. Adapters: {sorted(state['adapters'])}.")
-    mode = keep_base_mode(state["adapters"][name].get("keep_base"))
+        raise ValueError(f"No adapter named {name!r} to scale. Adapters: {sorted(state['adapters'])}.")
+    record = state["adapters"][name].get("keep_base")
+    mode = keep_base_mode(record)
     if mode is True:
-        raise ValueError(f"Adapter {name!r} keeps the base classes in a branch of their own, exactly; to {verb} it "
-                         f"would only weaken its new classes. {verb.capitalize()} an adapter of keep_base 'head' or "
-                         "'classes'.")
+        raise ValueError(f"Adapter {name!r} keeps the base classes in a branch of their own, exactly; scaling it "
+                         "would only weaken its new classes. Scale an adapter of keep_base 'head' or 'classes'.")
     family = family_of(model)
     for module_name, wrapper in adapted_modules(model):
         if name not in wrapper.adapters or (mode and family.new_classes_only(model, module_name, mode)):
@@ -324,7 +305,9 @@ def _read_by_base(model: nn.Module, adapter_name: str | None, verb: str):
         adapter = wrapper.adapters[name]
         if isinstance(adapter, TrainableCopy) and not adapter.has_base_shape(wrapper.base_layer):
             continue  # a re-initialised class output
-        yield module_name, wrapper, adapter
+        own = next((f for p, f in pattern.items() if _matches(module_name, [p])), factor)
+        adapter.scale_update_(wrapper.base_layer, float(own))
+    return model
 
 
 def keep_base_layer(model: nn.Module) -> int | None:

@@ -102,8 +102,6 @@ class PeftSpec:
     scaled toward the base by this factor where the base classes read it (:func:`visionpeft.scale_adapter`): fewer
     base-class points lost for some new-class ones; 1: as trained. ``keep_scale_pattern``: module-name patterns with
     their own factor in [0, 1] (``scale_adapter``'s ``pattern``), e.g. ``{'model\\.[0-4]\\..*': 0}``.
-    ``keep_refit``: the last this many epochs (of ``epochs``) train the new classes' own modules alone, on the trunk
-    already scaled as ``keep_scale`` ships it, so the new classes fit the features they are deployed on; 0: off.
     ``file_bits``: how ``best.safetensors`` stores the low-rank factors: 16 (float16), 8 or 4 (integers in blocks
     of 32 with a float16 scale each, :func:`visionpeft.save_adapter`'s ``bits``); everything else is float16.
     """
@@ -127,7 +125,6 @@ class PeftSpec:
     dream_objects: int = 0
     keep_scale: float = 1.0
     keep_scale_pattern: dict = field(default_factory=dict)
-    keep_refit: int = 0
     file_bits: int = 16
 
     def __post_init__(self) -> None:
@@ -156,7 +153,7 @@ class PeftSpec:
                 check_distill_base(self.dream_weight, "dream_weight")
         except ValueError as e:
             raise ValueError(f"peft.{e}") from None
-        for key in ("distill_dreams", "dream_steps", "dream_objects", "keep_refit"):
+        for key in ("distill_dreams", "dream_steps", "dream_objects"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"peft.{key} must be a whole number >= 0, not {value!r}.")
@@ -181,9 +178,6 @@ class PeftSpec:
         if (self.keep_scale != 1 or self.keep_scale_pattern) and self.keep_base not in SHARED_MODES:
             raise ValueError("peft.keep_scale scales a trunk shared with the base classes; set peft.keep_base: "
                              "classes or head (with distill_base), or drop keep_scale and keep_scale_pattern.")
-        if self.keep_refit and self.keep_scale == 1 and not self.keep_scale_pattern:
-            raise ValueError("peft.keep_refit re-fits the new classes to the trunk scaled as peft.keep_scale ships "
-                             "it; set keep_scale (e.g. 0.9) or keep_scale_pattern, or drop keep_refit.")
         if self.file_bits not in FILE_BITS or isinstance(self.file_bits, bool):
             raise ValueError(f"peft.file_bits must be one of {list(FILE_BITS)} (16: float16; 8 or 4: the low-rank "
                              f"factors rounded in blocks), not {self.file_bits!r}.")

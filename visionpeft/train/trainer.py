@@ -49,7 +49,6 @@ from ..inject import (
     STATE_ATTR,
     fingerprint,
     freeze,
-    freeze_shared,
     frozen_norm_modules,
     full_trained_parameters,
     scale_adapter,
@@ -66,7 +65,6 @@ from .dreams import load_or_dream
 from .rank_probe import probe_images, probe_losses, train_images
 
 SPEC_KEY = "train"  # model.visionpeft[SPEC_KEY]: the PeftSpec a checkpoint was trained with (for resume)
-REFIT_KEY = "refit"  # model.visionpeft[REFIT_KEY]: the trunk is scaled as shipped (peft.keep_refit has begun)
 
 
 def copy_base_tensors(dst: nn.Module, src: nn.Module) -> None:
@@ -370,24 +368,6 @@ class PeftDetectionTrainer(BaselineDetectionTrainer):
             self._resume_streams = None
             self._resume_albumentations = resume_state.restore_epoch_start(self, tensors, meta, self._passes)
             self._last_opt_step = self._resume_gate = meta["last_opt_step"]
-        self._refit_new_classes()
-
-    def _refit_new_classes(self) -> None:
-        """``peft.keep_refit``: from ``epochs - keep_refit`` on, the shared trunk is the one ``best.safetensors``
-        ships (scaled toward the base once, in the model and its EMA) and stops training; the new classes' own
-        modules keep training on it. The shipped adapter is the best of these epochs, scored on that trunk."""
-        spec, model = self.peft, unwrap_model(self.model)
-        if not spec.keep_refit or self.epoch < self.epochs - spec.keep_refit:
-            return
-        if not model.visionpeft.get(REFIT_KEY):  # a run resumed after the switch has its trunk scaled already
-            for m in (model, self.ema.ema):
-                scale_adapter(m, spec.keep_scale, pattern=spec.keep_scale_pattern)
-                m.visionpeft[REFIT_KEY] = True
-            self.best_fitness = None
-            LOGGER.info(f"visionpeft: epoch {self.epoch + 1}: the shared trunk scaled as best.safetensors ships it "
-                        f"and frozen; the last {spec.keep_refit} epoch(s) train the new classes' own modules "
-                        "(peft.keep_refit)")
-        freeze_shared(model)
 
     def on_mosaic_closed(self) -> None:
         saved, self._resume_albumentations = self._resume_albumentations, None
@@ -450,8 +430,8 @@ class PeftDetectionTrainer(BaselineDetectionTrainer):
 
     def _deliverable(self, model: nn.Module) -> nn.Module:
         """The adapter ``best.safetensors`` holds: as trained, or scaled toward the base (``peft.keep_scale``)."""
-        if (self.peft.keep_scale == 1 and not self.peft.keep_scale_pattern) or model.visionpeft.get(REFIT_KEY):
-            return model  # as trained, or scaled already (peft.keep_refit)
+        if self.peft.keep_scale == 1 and not self.peft.keep_scale_pattern:
+            return model
         return scale_adapter(copy.deepcopy(model), self.peft.keep_scale, pattern=self.peft.keep_scale_pattern)
 
     def save_model(self) -> bool:
