@@ -403,6 +403,27 @@ def test_min_images_leaves_norm_stats_out_of_a_small_split_and_says_so(tmp_path)
         PeftSpec(methods=[{"method": "norm_stats", "min_images": 19}]).configs(18)
 
 
+def test_a_budget_plans_ranks_without_changing_the_runs_draws(tmp_path):
+    """``peft.budget`` probes train images for its plan before the first epoch: Python's stream (which Ultralytics'
+    augmentations read) and numpy's are where a run without a budget leaves them, so planned and uniform ranks
+    train on the same augmentations (torch's global stream differs by the adapters' own random init: other ranks
+    draw other counts; the train loader shuffles with its own generator)."""
+    states = {}
+
+    def grab(label):
+        def callback(trainer):
+            states[label] = (random.getstate(), np.random.get_state()[1].copy())
+        return callback
+
+    for label, budget in (("plain", {}), ("planned", {"peft.budget": "5%"})):
+        train("crops.yaml", callbacks={"on_pretrain_routine_end": grab(label)}, project=str(tmp_path), name=label,
+              epochs=1, fraction=0.02, val=False, **FAST,
+              **{"peft.methods": [{"method": "dora", "r": 2, "alpha": 4}], **budget})
+    assert "budget" in vp.read_adapter(tmp_path / "planned" / "weights" / "best.safetensors")[1]
+    (py0, np0), (py1, np1) = states["plain"], states["planned"]
+    assert py0 == py1 and (np0 == np1).all()
+
+
 def test_streams_kept_puts_every_random_stream_back_even_when_the_block_fails():
     """Work before the first epoch (counting or probing train images) runs inside ``streams_kept``: whether it
     ends or fails, Python's, numpy's and torch's streams are where they were, so the run draws what it would have."""

@@ -263,8 +263,8 @@ class PeftDetectionTrainer(BaselineDetectionTrainer):
     def _plan_ranks(self, base: nn.Module, configs: list[dict]) -> RankPlan:
         """Ranks per layer for ``peft.budget``, from the gradients of a few train batches (``rank_plan``)."""
         spec = self.peft
-        losses = probe_losses(self) if spec.rank_plan == "gradient" else None
-        with torch.random.fork_rng():  # the probe leaves the run's random streams as they were
+        with streams_kept():  # the probe leaves every random stream of the run as it was (Python's included)
+            losses = probe_losses(self) if spec.rank_plan == "gradient" else None
             plan = plan_ranks(base, configs, spec.budget, losses, spec.rank_plan, self.data["names"],
                               bits=spec.file_bits)
         LOGGER.info(f"visionpeft: {plan.summary()}")
