@@ -341,6 +341,11 @@ def test_trainer_with_everything_trainable_reproduces_ultralytics_full_fine_tuni
     torch.testing.assert_close(torch.stack(losses["peft"]), torch.stack(losses["full"]), rtol=1e-5, atol=1e-6)
 
 
+def stream_states() -> tuple:
+    """Python's, numpy's and torch's random stream states, comparable with ``==`` (numpy's key as an array)."""
+    return random.getstate(), np.random.get_state()[1].copy(), torch.get_rng_state()
+
+
 def test_eva_init_starts_from_the_train_images_and_leaves_the_runs_draws_as_they_were(tmp_path):
     """``init: eva`` sets each ``A`` from 64 unaugmented train images before training; the run's random streams
     (Python's, which Ultralytics' augmentations read, numpy's, torch's) are where the zero init leaves them, so the
@@ -349,7 +354,7 @@ def test_eva_init_starts_from_the_train_images_and_leaves_the_runs_draws_as_they
 
     def grab(init):
         def callback(trainer):
-            states[init] = (random.getstate(), np.random.get_state()[1].copy(), torch.get_rng_state())
+            states[init] = stream_states()
             starts[init] = {n: w.adapters["crops"].lora_A.weight.detach().clone()
                             for n, w in adapted_modules(trainer.model) if hasattr(w.adapters["crops"], "lora_A")}
         return callback
@@ -378,7 +383,7 @@ def test_min_images_leaves_norm_stats_out_of_a_small_split_and_says_so(tmp_path)
 
     def grab(label):
         def callback(trainer):
-            states[label] = (random.getstate(), np.random.get_state()[1].copy(), torch.get_rng_state())
+            states[label] = stream_states()
             kinds[label] = {type(w.adapters["crops"]).__name__ for _, w in adapted_modules(trainer.model)}
         return callback
 
@@ -412,7 +417,7 @@ def test_a_budget_plans_ranks_without_changing_the_runs_draws(tmp_path):
 
     def grab(label):
         def callback(trainer):
-            states[label] = (random.getstate(), np.random.get_state()[1].copy())
+            states[label] = stream_states()[:2]  # Python's and numpy's
         return callback
 
     for label, budget in (("plain", {}), ("planned", {"peft.budget": "5%"})):
