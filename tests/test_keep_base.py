@@ -342,6 +342,8 @@ def test_crops_keep_config_is_the_measured_benchmark_row():
                                                                             crops.peft.file_bits)
     assert config.peft.keep_scale in (None, 1.0) and not config.peft.keep_scale_pattern
     assert config.augmentations == crops.augmentations
+    # the benchmark's reference row repeats crops.yaml's methods (its peft: block sets DoRA r8 alone for the rest)
+    assert bench["runs"]["recipe"]["peft"]["methods"] == crops.peft.methods
 
 
 def test_a_run_distills_on_dreams_made_once_in_its_folder(tiny_crops, tmp_path, caplog):
