@@ -6,11 +6,15 @@ import csv
 import json
 
 import pytest
+import torch
 import yaml
+from conftest import leaves
 
+import visionpeft as vp
 from visionpeft.bench import load_bench_config, run_benchmark
 from visionpeft.bench.class_scores import main as class_scores_main
 from visionpeft.bench.runner import run_config
+from visionpeft.methods.norm_stats import NormStatsAdapter
 from visionpeft.train.config import load_config
 
 
@@ -105,6 +109,28 @@ def test_shipped_benchmark_configs_are_valid(name, tmp_path):
         config = load_config(run_config(cfg, run, tmp_path))
         if (cfg["runs"][run] or {}).get("kind", "peft") == "peft":
             assert config.peft.methods, run
+
+
+@pytest.mark.parametrize("run", ["floor", "floor_stats"])
+def test_floor_rows_back_propagate_to_layer_0_without_weight_gradients(run, tmp_path, base, images):
+    """The floors bound any method that adapts layer 0: the gradient reaches layer 0's BatchNorm through every layer,
+    yet nothing but it and the new class outputs has a weight gradient; ``floor_stats`` also moves every other
+    BatchNorm's statistics as crops.yaml does, so it is that recipe's floor."""
+    config = load_config(run_config(load_bench_config("bench_crops.yaml"), run, tmp_path))
+    model = base("yolo11n.pt")
+    bns = sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()) - 1  # layer 0's is trained in full
+    vp.inject(model, config.peft.methods, adapter_name="t", names=["crop", "weed"])
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trained and all(n.startswith(("model.0.bn.", "model.23.cv3.")) for n in trained)
+    assert any(n.startswith("model.0.bn.") for n in trained)
+    stats = [m for m in model.modules() if isinstance(m, NormStatsAdapter)]
+    assert len(stats) == (bns if run == "floor_stats" else 0)
+    before = [s.stats.clone() for s in stats]
+    model.train()
+    sum(t.float().square().mean() for t in leaves(model(images))).backward()
+    layer0 = [p.grad for n, p in model.named_parameters() if p.requires_grad and n.startswith("model.0.bn.")]
+    assert all(g is not None and g.abs().sum() > 0 for g in layer0)  # back-propagated through every layer
+    assert all(not torch.equal(b, s.stats) for b, s in zip(before, stats, strict=True))  # every statistic moved
 
 
 # The multi-domain benchmark (configs/bench_domains.yaml): one worker run per (domain, method, seed).
