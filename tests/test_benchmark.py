@@ -125,6 +125,9 @@ def test_floor_rows_back_propagate_to_layer_0_without_weight_gradients(run, tmp_
     assert any(n.startswith("model.0.bn.") for n in trained)
     stats = [m for m in model.modules() if isinstance(m, NormStatsAdapter)]
     assert len(stats) == (bns if run == "floor_stats" else 0)
+    if run == "floor_stats":  # the row repeats crops.yaml's norm_stats entry: it must stay that recipe's floor
+        assert [m for m in config.peft.methods if m["method"] == "norm_stats"] == [
+            m for m in load_config("crops.yaml").peft.methods if m["method"] == "norm_stats"]
     before = [s.stats.clone() for s in stats]
     model.train()
     sum(t.float().square().mean() for t in leaves(model(images))).backward()
